@@ -1,0 +1,192 @@
+"""The configuration of a run: defaults < preset < study < CLI, validated, flat.
+
+A resolved config is a flat dict: every core option below plus the method's own options, plus
+`method` and `preset`. It is saved with every run (Sacred's config.json) and a resumed run must
+match it exactly on every key that changes the result (`IDENTITY_EXCLUDED` lists the others).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.errors import UsageError
+from bench.options import Option, non_negative, positive, unit_closed, unit_open, unit_open_closed
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _opt(default, help, group, **kw) -> Option:
+    return Option(default, help, group=group, **kw)
+
+
+CORE_OPTIONS: dict[str, Option] = {
+    # data and split
+    "dataset": _opt("synthetic", "dataset name", "data", choices=DATASETS),
+    "data": _opt(None, "path to the dataset archive or folder (offline CIFAR: the official "
+                 "cifar-10-python.tar.gz / cifar-100-python.tar.gz or an image-folder tarball)", "data"),
+    "cache_dir": _opt(None, "cache for downloads, decoded arrays and split manifests "
+                      "(default $SSVIT_CACHE or ~/.cache/ssvit-bench)", "data"),
+    "synthetic_classes": _opt(10, "synthetic: number of classes", "data", **positive()),
+    "synthetic_size": _opt(32, "synthetic: image side in pixels", "data", **positive()),
+    "synthetic_train_per_class": _opt(100, "synthetic: training images per class", "data", **positive()),
+    "synthetic_test_per_class": _opt(20, "synthetic: test images per class", "data", **positive()),
+    "label_fraction": _opt(0.1, "labeled budget as a fraction of each class (0 < F <= 1)", "split",
+                           **unit_open_closed()),
+    "labels_per_class": _opt(None, "labeled budget per class (overrides --label-fraction)", "split",
+                             type=int, **positive()),
+    "val_fraction": _opt(0.1, "share of the labeled budget held out for validation (>= 1 per class)",
+                         "split", **unit_open()),
+    "unlabeled_pool": _opt("all", "unlabeled pool: all training images but validation, or only "
+                           "the non-labeled ones", "split", choices=("all", "rest")),
+    "seed": _opt(0, "seed of the split, the initialisation and every augmentation", "split",
+                 **non_negative()),
+    # model
+    "encoder": _opt("vit_small_patch16_224", "timm ViT name", "model"),
+    "img_size": _opt(32, "model input resolution (images are resized on the device)", "model",
+                     **positive()),
+    "patch_size": _opt(4, "patch size", "model", **positive()),
+    "embed_dim": _opt(None, "override the encoder width", "model", type=int, **positive()),
+    "depth": _opt(None, "override the encoder depth", "model", type=int, **positive()),
+    "num_heads": _opt(None, "override the encoder heads", "model", type=int, **positive()),
+    "drop_path": _opt(0.1, "stochastic depth rate", "model", **unit_open()),
+    "global_pool": _opt("avg", "classifier input: cls token or mean of patch tokens", "model",
+                        choices=("token", "avg")),
+    "pos_embed": _opt("learn", "positional embedding: learned or fixed 2-D sin-cos", "model",
+                      choices=("learn", "sincos")),
+    "decoder_dim": _opt(256, "MAE decoder width", "model", **positive()),
+    "decoder_depth": _opt(4, "MAE decoder blocks", "model", **positive()),
+    "decoder_heads": _opt(8, "MAE decoder heads", "model", **positive()),
+    "norm_pix_loss": _opt(True, "MAE target: per-patch normalised pixels (else raw)", "model"),
+    # optimisation
+    "steps": _opt(5000, "training length in optimizer steps", "optim", **positive()),
+    "batch_size": _opt(64, "labeled images per step", "optim", **positive()),
+    "lr": _opt(1e-3, "peak learning rate (AdamW)", "optim", **positive()),
+    "min_lr": _opt(1e-6, "final learning rate of the cosine schedule", "optim", **non_negative()),
+    "schedule": _opt("cosine", "learning-rate schedule after warm-up", "optim",
+                     choices=("cosine", "constant")),
+    "warmup_steps": _opt(250, "linear warm-up steps", "optim", **non_negative()),
+    "weight_decay": _opt(0.05, "AdamW weight decay (never on norms, biases, embeddings)", "optim",
+                         **non_negative()),
+    "beta1": _opt(0.9, "AdamW beta1", "optim", **unit_open()),
+    "beta2": _opt(0.999, "AdamW beta2", "optim", **unit_open()),
+    "layer_decay": _opt(1.0, "layer-wise lr decay (1 = off)", "optim", **unit_open_closed()),
+    "clip_grad": _opt(0.0, "clip the gradient norm to this value (0 = off)", "optim", **non_negative()),
+    "label_smoothing": _opt(0.1, "label smoothing of the supervised loss", "optim", **unit_open()),
+    "ema_decay": _opt(0.999, "decay of the EMA model (evaluated beside the raw model)", "optim",
+                      **unit_open()),
+    # views of the labeled batch and the shared augmentation pipeline
+    "labeled_view": _opt("strong", "augmentation of labeled images", "views",
+                         choices=("weak", "strong", "mae", "eval")),
+    "pad_frac": _opt(0.125, "weak view: max translation as a fraction of the image side", "views",
+                     **unit_closed()),
+    "randaug_ops": _opt(2, "strong view: RandAugment ops per image", "views", **non_negative()),
+    "randaug_mag": _opt(10.0, "strong view: RandAugment magnitude (0..30)", "views",
+                        check=lambda v: 0 <= v <= 30, check_msg="in [0, 30]"),
+    "cutout_frac": _opt(0.5, "strong view: cutout square side as a fraction of the image", "views",
+                        **unit_closed()),
+    "mixup_alpha": _opt(0.0, "mixup alpha on labeled batches (0 = off)", "views", **non_negative()),
+    "cutmix_alpha": _opt(0.0, "cutmix alpha on labeled batches (0 = off)", "views", **non_negative()),
+    # run mechanics
+    "eval_every": _opt(500, "evaluate validation and test every N steps", "run", **positive()),
+    "ckpt_every": _opt(1000, "checkpoint every N steps (and at the end)", "run", **positive()),
+    "log_every": _opt(50, "log loss terms and throughput every N steps", "run", **positive()),
+    "eval_batch_size": _opt(512, "batch size for evaluation", "run", **positive()),
+    "amp": _opt("auto", "precision: auto = bf16 autocast on CUDA, fp32 on CPU", "run",
+                choices=("auto", "bf16", "fp32")),
+    "compile": _opt(False, "torch.compile the model", "run"),
+    "device": _opt("auto", "auto, cpu, cuda or cuda:N", "run"),
+    "results_dir": _opt("results", "output root (runs/, studies/, tables/, figures/)", "run"),
+    "mongo": _opt(None, "also record runs in MongoDB at this URL", "run"),
+    "progress": _opt(True, "show a progress bar", "run"),
+}
+
+# Keys that do not change what a run computes: a resume may differ on these.
+IDENTITY_EXCLUDED = {"results_dir", "mongo", "progress", "device", "cache_dir", "data",
+                     "compile", "eval_batch_size"}
+
+
+def load_preset(preset: str | None) -> tuple[str | None, dict[str, Any]]:
+    """Return (preset name, its mapping). `preset` is a shipped name or a YAML file path."""
+    if preset is None:
+        return None, {}
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        path = Path(preset)
+        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+            raise UsageError(f"unknown preset '{preset}'; use one of {', '.join(preset_names())} "
+                             f"or a path to a preset .yaml file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read preset {path}: {str(e).splitlines()[0]}; fix the YAML") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"preset {path} must be a mapping of option: value; fix the YAML")
+    name = preset if path.parent == PRESET_DIR else str(path)
+    return name, data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def method_layer(mapping: dict[str, Any], method: str, source: str) -> dict[str, Any]:
+    """Flatten a preset/study mapping for one method: top-level keys, then `methods: {name: {...}}`."""
+    flat = {k: v for k, v in mapping.items() if k != "methods"}
+    per_method = mapping.get("methods") or {}
+    if not isinstance(per_method, dict):
+        raise UsageError(f"{source}: 'methods' must map method names to options; fix the YAML")
+    flat.update(per_method.get(method) or {})
+    return flat
+
+
+def resolve(method_cls, preset: str | None = None, study: dict | None = None,
+            cli: dict | None = None) -> dict[str, Any]:
+    """Merge defaults < preset < study < CLI for `method_cls`, validating every value."""
+    options = all_options(method_cls)
+    preset_name, preset_map = load_preset(preset)
+    cfg = {k: opt.default for k, opt in options.items()}
+    layers = [(f"preset {preset_name}", method_layer(preset_map, method_cls.name, f"preset {preset_name}")),
+              ("study", method_layer(study or {}, method_cls.name, "study")),
+              ("command line", cli or {})]
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in options:
+                raise UsageError(f"{source}: unknown option '{key}' for method {method_cls.name}; "
+                                 f"see `bench run {method_cls.name} --help`")
+            cfg[key] = options[key].convert(key, value)
+    cfg["method"] = method_cls.name
+    cfg["preset"] = preset_name
+    _check_consistency(cfg)
+    return cfg
+
+
+def all_options(method_cls) -> dict[str, Option]:
+    clash = set(CORE_OPTIONS) & set(method_cls.options)
+    assert not clash, f"method {method_cls.name} redeclares core options {clash}"
+    return {**CORE_OPTIONS, **method_cls.options}
+
+
+def _check_consistency(cfg: dict[str, Any]) -> None:
+    if cfg["img_size"] % cfg["patch_size"]:
+        raise UsageError(f"--img-size {cfg['img_size']} is not divisible by --patch-size "
+                         f"{cfg['patch_size']}; pick sizes that divide")
+    if cfg["dataset"] == "imagefolder" and not cfg["data"]:
+        raise UsageError("--dataset imagefolder needs --data PATH (a train/<class>, test/<class> "
+                         "folder or a .tar/.tar.gz of one)")
+    if cfg["warmup_steps"] >= cfg["steps"] and cfg["warmup_steps"] > 0:
+        raise UsageError(f"--warmup-steps {cfg['warmup_steps']} must be below --steps "
+                         f"{cfg['steps']}; shorten the warm-up")
+
+
+def identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that determines the result (compared on resume)."""
+    return {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED}
+
+
+def synthetic_params(cfg: dict[str, Any]) -> dict[str, int]:
+    return {"classes": cfg["synthetic_classes"], "size": cfg["synthetic_size"],
+            "train_per_class": cfg["synthetic_train_per_class"],
+            "test_per_class": cfg["synthetic_test_per_class"], "seed": 0}

@@ -1,0 +1,296 @@
+"""The training loop shared by every method.
+
+One step: sample index batches on the device -> `method.train_step` (views are made inside, on
+the device) -> backward, clip, AdamW step at the scheduled lr, EMA update. Every `eval_every`
+steps the raw and EMA models are evaluated on validation and test; the method sees validation
+only. Every `ckpt_every` steps (and at the end, and on Ctrl-C) the whole state is checkpointed
+atomically, so `--resume` continues to the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from bench import checkpoint
+from bench.config import identity
+from bench.data import Dataset
+from bench.ema import EMA
+from bench.errors import NonFiniteLoss, UsageError
+from bench.evaluate import evaluate
+from bench.method import Batch, Method, TrainData
+from bench.model import build_model
+from bench.optim import build_optimizer, lr_at, set_lr
+from bench.sampler import IndexStream
+from bench.splits import Split
+from bench.stages import transfer
+from bench.views import Views
+
+LogFn = Callable[[str, float, int], None]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+@dataclass
+class Selection:
+    """The evaluation point chosen on validation accuracy (raw or EMA model)."""
+    step: int = -1
+    model: str = ""
+    val_acc: float = -1.0
+    test_acc: float = float("nan")
+
+
+@dataclass
+class Trainer:
+    cfg: dict[str, Any]
+    method_cls: type[Method]
+    data: Dataset
+    split: Split
+    run_dir: Path
+    log: LogFn = lambda name, value, step: None
+    step: int = 0
+    selection: Selection = field(default_factory=Selection)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.device = pick_device(cfg["device"])
+        torch.manual_seed(cfg["seed"])
+        self.generator = torch.Generator(self.device).manual_seed(cfg["seed"])
+        dev = self.device
+        # The whole dataset lives on the device as uint8; batches are gathered by index.
+        self.train_x = torch.from_numpy(self.data.train_x).to(dev)
+        self.train_y = torch.from_numpy(self.data.train_y).to(dev)
+        self.test_x = torch.from_numpy(self.data.test_x).to(dev)
+        self.test_y = torch.from_numpy(self.data.test_y).to(dev)
+        idx = {k: torch.from_numpy(getattr(self.split, k)).to(dev) for k in ("labeled", "val", "unlabeled")}
+        self.use_bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and dev.type == "cuda")
+        self.model = build_model(cfg, self.data.num_classes, with_decoder=self.method_cls.uses_decoder).to(dev)
+        self.ema = EMA(self.model, cfg["ema_decay"])
+        self.views = Views(cfg["img_size"], self.generator, pad_frac=cfg["pad_frac"],
+                           randaug_ops=cfg["randaug_ops"], randaug_mag=cfg["randaug_mag"],
+                           cutout_frac=cfg["cutout_frac"])
+        train_data = TrainData(self.train_x, self.train_y, idx["labeled"], idx["val"], idx["unlabeled"])
+        self.method = self.method_cls(cfg, self.model, self.ema, self.views, self.data.num_classes, train_data,
+                                      autocast=self.autocast)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.labeled = IndexStream(idx["labeled"], self.generator)
+        pool = idx["unlabeled"]
+        if self.method_cls.unlabeled_source == "all":  # label-free methods see every training image
+            pool = torch.arange(len(self.train_x), device=dev)
+        self.unlabeled = IndexStream(pool, self.generator)
+        self.n_labeled = cfg["batch_size"] if self.method_cls.uses_labeled else 0
+        self.n_unlabeled = self.method.unlabeled_batch_size()
+        if cfg["compile"] and dev.type == "cuda":
+            self.model.compile()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._finite = torch.ones((), dtype=torch.bool, device=dev)
+        self._stop_requested = False
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict(),
+                "rng": checkpoint.rng_state(self.generator), "selection": vars(self.selection).copy(),
+                "last_eval": dict(self.last_eval), "config": identity(self.cfg),
+                "split_hash": self.split.hash}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != identity(self.cfg) or state["split_hash"] != self.split.hash:
+            raise UsageError("the checkpoint was made with a different config or split; "
+                             "resume with the original options or start a new run")
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.labeled.load_state_dict(state["labeled"])
+        self.unlabeled.load_state_dict(state["unlabeled"])
+        checkpoint.set_rng_state(state["rng"], self.generator)
+        self.selection = Selection(**state["selection"])
+        self.last_eval = dict(state["last_eval"])
+
+    def init_from(self, weights: dict[str, Any], keep_head: bool) -> None:
+        """Start from an earlier stage's weights; the EMA starts from the stage's EMA when the
+        head is carried over (Semi-ViT), else from the loaded model."""
+        transfer(weights["model"], self.model, keep_head)
+        self.ema.copy_from(self.model)
+        if keep_head:
+            transfer(weights["ema"], self.ema.model, keep_head)
+
+    def save_checkpoint(self) -> None:
+        self._check_finite()
+        checkpoint.save(self.ckpt_path, self.state_dict())
+
+    # -- one step ------------------------------------------------------------------------------
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def next_batch(self) -> Batch:
+        batch = Batch()
+        if self.n_labeled:
+            idx_l = self.labeled.next(self.n_labeled)
+            batch.x_l, batch.y_l = self.train_x[idx_l], self.train_y[idx_l]
+        if self.n_unlabeled:
+            idx_u = self.unlabeled.next(self.n_unlabeled)
+            batch.x_u, batch.idx_u, batch.y_u = self.train_x[idx_u], idx_u, self.train_y[idx_u]
+        return batch
+
+    def train_step(self) -> None:
+        self.model.train()
+        with self.autocast():
+            loss, logs = self.method.train_step(self.next_batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg["clip_grad"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip_grad"])
+        set_lr(self.optimizer, lr_at(self.step, self.cfg))
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        # Accumulate on the device: no host synchronisation inside the step.
+        loss = loss.detach().float()
+        self._finite &= torch.isfinite(loss)
+        for k, v in {"loss": loss, **logs}.items():
+            v = v.detach().float()  # a 2-vector is a (numerator, denominator) pair: see flush_logs
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        self._count += 1
+
+    def _check_finite(self) -> None:
+        if not bool(self._finite):
+            raise NonFiniteLoss(f"non-finite loss at or before step {self.step}; lower --lr, set "
+                                f"--clip-grad, or check the data")
+
+    def flush_logs(self, seconds: float) -> dict[str, float]:
+        """Move accumulated step logs to the host (one sync per log interval) and record them."""
+        if not self._count:
+            return {}
+        self._check_finite()
+        values = {}
+        for k, v in self._sums.items():
+            if v.numel() == 2:  # ratio of window sums, e.g. pseudo-label precision
+                num, den = v.tolist()
+                if den > 0:
+                    values[k] = num / den
+            else:
+                values[k] = float(v) / self._count
+        images = self._count * (self.n_labeled + self.n_unlabeled)
+        values["img_per_s"] = images / max(seconds, 1e-9)
+        values["lr"] = lr_at(self.step - 1, self.cfg)
+        for k, v in values.items():
+            self.log(f"train.{k}", v, self.step)
+        self._sums, self._count = {}, 0
+        return values
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        self._check_finite()
+        bs, to_input = self.cfg["eval_batch_size"], self.views.eval
+        val_idx = self.method.data.val
+        results = {}
+        for tag, model in (("raw", self.model), ("ema", self.ema.model)):
+            val = evaluate(model, self.train_x[val_idx], self.train_y[val_idx], to_input, bs, self.autocast)
+            test = evaluate(model, self.test_x, self.test_y, to_input, bs, self.autocast)
+            results[tag] = (val, test)
+        method_logs = self.method.on_validation({tag: r[0] for tag, r in results.items()}, self.step) or {}
+        for k, v in method_logs.items():
+            self.log(k, float(v), self.step)
+        metrics = {"val_acc": results["raw"][0].acc, "val_acc_ema": results["ema"][0].acc,
+                   "test_acc": results["raw"][1].acc, "test_acc_ema": results["ema"][1].acc}
+        for k, v in metrics.items():
+            self.log(k, v, self.step)
+        for tag, (val, test) in results.items():
+            if val.acc > self.selection.val_acc:  # selection reads validation only
+                self.selection = Selection(self.step, tag, val.acc, test.acc)
+                model = self.model if tag == "raw" else self.ema.model
+                checkpoint.save(self.run_dir / "selected.pt", {"step": self.step, "model": tag,
+                                                               "state_dict": model.state_dict()})
+        self.last_eval = metrics
+        return metrics
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        cfg, steps = self.cfg, self.cfg["steps"]
+        bar = tqdm(total=steps, initial=self.step, desc=cfg["method"], file=sys.stderr, mininterval=2.0,
+                   dynamic_ncols=True, disable=not progress, leave=True)
+        t_window, t_total, images_total = time.perf_counter(), 0.0, 0
+        postfix: dict[str, str] = {}
+        with _stop_on_sigint(self), bar:
+            while self.step < steps:
+                if self._stop_requested:
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt
+                self.train_step()
+                at_end = self.step == steps
+                if self.step % cfg["log_every"] == 0 or self.step % cfg["ckpt_every"] == 0 or at_end:
+                    elapsed = time.perf_counter() - t_window
+                    n_done = self._count
+                    values = self.flush_logs(elapsed)
+                    t_total += elapsed
+                    images_total += n_done * (self.n_labeled + self.n_unlabeled)
+                    bar.update(self.step - bar.n)
+                    postfix.update(loss=f"{values['loss']:.3f}", img_s=f"{values['img_per_s']:.0f}")
+                    bar.set_postfix(postfix, refresh=False)
+                    t_window = time.perf_counter()
+                if self.method_cls.classifies and (self.step % cfg["eval_every"] == 0 or at_end):
+                    postfix["val"] = f"{self.evaluate()['val_acc']:.1f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    t_window = time.perf_counter()  # evaluation time is not training throughput
+                if self.step % cfg["ckpt_every"] == 0 or at_end:
+                    self.save_checkpoint()
+                    t_window = time.perf_counter()
+        return self.result(images_total / max(t_total, 1e-9))
+
+    def result(self, img_per_s: float) -> dict[str, Any]:
+        s, last = self.selection, self.last_eval
+        if not self.method_cls.classifies:
+            return {"steps": self.step, "img_per_s": img_per_s, "split_hash": self.split.hash}
+        return {"test_acc": last["test_acc"], "test_acc_ema": last["test_acc_ema"],
+                "val_acc": last["val_acc"], "val_acc_ema": last["val_acc_ema"],
+                "test_acc_selected": s.test_acc, "selected_step": s.step, "selected_model": s.model,
+                "selected_val_acc": s.val_acc, "steps": self.step, "img_per_s": img_per_s,
+                "split_hash": self.split.hash}
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(trainer: Trainer):
+    """Ctrl-C asks the loop to stop at the next step boundary, where the state is consistent."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        trainer._stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

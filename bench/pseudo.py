@@ -1,0 +1,106 @@
+"""Pseudo-labelling mechanics shared by every semi-supervised method.
+
+Thresholding, precision bookkeeping (against the pool's true labels: logged, never used), a
+per-image pseudo-label memory and SSMAE-style validation gate live here, once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bench.evaluate import Evaluation
+
+
+@dataclass
+class PseudoLabels:
+    labels: Tensor   # (N,) argmax class
+    conf: Tensor     # (N,) max probability
+    mask: Tensor     # (N,) bool, admitted
+
+
+@torch.no_grad()
+def threshold(probs: Tensor, tau: float, strict: bool = False) -> PseudoLabels:
+    """Hard pseudo-labels; admitted where confidence >= tau (FixMatch) or > tau (`strict`, SSMAE)."""
+    conf, labels = probs.float().max(dim=1)
+    mask = conf > tau if strict else conf >= tau
+    return PseudoLabels(labels, conf, mask)
+
+
+def agreeing(weak: PseudoLabels, strong: PseudoLabels) -> PseudoLabels:
+    """SSMAE's admission filter: confident on both views and the same class on both."""
+    mask = weak.mask & strong.mask & (weak.labels == strong.labels)
+    return PseudoLabels(weak.labels, weak.conf, mask)
+
+
+def admission_logs(pl: PseudoLabels, y_true: Tensor | None, prefix: str = "pl") -> dict[str, Tensor]:
+    """Admission rate and precision of admitted labels, as tensors (no host sync).
+
+    Precision is returned as a (correct, admitted) pair so the engine can divide sums over a log
+    window instead of averaging per-step ratios."""
+    mask = pl.mask.float()
+    logs = {f"{prefix}_rate": mask.mean()}
+    if y_true is not None:
+        correct = ((pl.labels == y_true).float() * mask).sum()
+        logs[f"{prefix}_precision"] = torch.stack([correct, mask.sum()])
+    return logs
+
+
+class PseudoLabelMemory:
+    """Pseudo-labels per training image (-1 = none), on the device; checkpointed with the method."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
+
+    def lookup(self, idx: Tensor) -> Tensor:
+        return self.labels[idx]
+
+    def admit(self, idx: Tensor, labels: Tensor, mask: Tensor, overwrite: bool = False) -> Tensor:
+        """Store `labels` where `mask` (and, unless `overwrite`, no label is stored yet); returns
+        the mask of newly written entries."""
+        new = mask if overwrite else mask & (self.labels[idx] < 0)
+        self.labels[idx] = torch.where(new, labels, self.labels[idx])
+        return new
+
+    def forget(self, idx: Tensor, mask: Tensor) -> None:
+        self.labels[idx] = torch.where(mask, torch.full_like(self.labels[idx], -1), self.labels[idx])
+
+    def __len__(self) -> int:
+        return int((self.labels >= 0).sum())
+
+    def state_dict(self) -> dict:
+        return {"labels": self.labels.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.labels.copy_(state["labels"].to(self.labels.device))
+
+
+@dataclass
+class ValidationGate:
+    """Opens when high-confidence accuracy on a held-out split reaches `threshold` (percent).
+
+    Re-decided at every evaluation after `warmup_steps`; `always_open` is the no-gate ablation."""
+    threshold: float
+    confidence: float
+    warmup_steps: int
+    always_open: bool = False
+    is_open: bool = False
+    last_hc_acc: float = 0.0
+    last_hc_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.is_open = self.is_open or self.always_open
+
+    def update(self, evaluation: Evaluation, step: int) -> bool:
+        self.last_hc_acc, self.last_hc_share = evaluation.high_confidence_accuracy(self.confidence)
+        if not self.always_open:
+            self.is_open = step >= self.warmup_steps and self.last_hc_acc >= self.threshold
+        return self.is_open
+
+    def state_dict(self) -> dict:
+        return {"is_open": self.is_open, "last_hc_acc": self.last_hc_acc, "last_hc_share": self.last_hc_share}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.is_open, self.last_hc_acc = state["is_open"], state["last_hc_acc"]
+        self.last_hc_share = state["last_hc_share"]

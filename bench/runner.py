@@ -1,0 +1,118 @@
+"""One tracked run, start to finish: data -> split -> checks -> Sacred run -> Trainer.
+
+Everything that can reject the input (config, data, split, resume target, results directory)
+happens before the Sacred run directory is created, so bad input writes nothing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import checkpoint
+from bench.config import identity, synthetic_params
+from bench.data import default_cache_dir, load_dataset
+from bench.engine import Trainer
+from bench.errors import UsageError
+from bench.io import atomic_write_text
+from bench.method import get_method
+from bench.splits import split_for
+from bench.stages import run_stage, save_final, stage_config, stage_key
+from bench.tracking import RunHandle, prepare_runs_dir, runs_dir, tracked_run
+
+
+def find_run_dir(results_dir: str | Path, run: str) -> Path:
+    """A run given as an id under <results_dir>/runs or as a path to its directory."""
+    candidates = [runs_dir(results_dir) / run, Path(run)]
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path
+    raise UsageError(f"--resume {run}: no run directory with a config.json at "
+                     f"{' or '.join(map(str, candidates))}; give a run id or path")
+
+
+def check_resumable(cfg: dict[str, Any], run_dir: Path) -> int:
+    """The checkpoint step to resume `run_dir` from; UsageError when it cannot be resumed."""
+    stored = json.loads((run_dir / "config.json").read_text())
+    diff = sorted(k for k in set(identity(cfg)) | set(identity(stored))
+                  if identity(cfg).get(k) != identity(stored).get(k))
+    if diff:
+        shown = ", ".join(f"{k}={stored.get(k)!r} (now {cfg.get(k)!r})" for k in diff[:4])
+        raise UsageError(f"cannot resume run {run_dir.name}: its config differs in {shown}; "
+                         f"pass the original options or start a new run")
+    status = json.loads((run_dir / "run.json").read_text()).get("status") if (run_dir / "run.json").exists() else None
+    if status == "COMPLETED":
+        raise UsageError(f"run {run_dir.name} already COMPLETED; start a new run instead of --resume")
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        raise UsageError(f"run {run_dir.name} has no checkpoint to resume from; start it anew")
+    return int(checkpoint.load(ckpt)["step"])
+
+
+def execute(cfg: dict[str, Any], resume: str | None = None, log=print) -> tuple[str, dict]:
+    """Run the method of `cfg` as one tracked run; returns (run id, result)."""
+    method_cls = get_method(cfg["method"])
+    cache_dir = Path(cfg["cache_dir"]) if cfg["cache_dir"] else default_cache_dir()
+    data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg),
+                        progress=cfg["progress"])
+    split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
+    resume_at = None
+    if resume is not None:
+        run_dir = find_run_dir(cfg["results_dir"], resume)
+        resume_at = (run_dir.name, check_resumable(cfg, run_dir))
+        cfg = {**cfg, "results_dir": str(run_dir.parent.parent)}
+    prepare_runs_dir(cfg["results_dir"])
+
+    def main(run: RunHandle) -> dict:
+        atomic_write_text(run.dir / "split.json", split.to_json())
+        run.set_info("split_hash", split.hash)
+        run.set_info("dataset_hash", data.source_hash)
+        run.set_info("checkpoint", str((run.dir / "checkpoint.pt").resolve()))
+        log(f"run {run.id}: {cfg['method']} on {cfg['dataset']} -> {run.dir}")
+        start = time.perf_counter()
+        try:
+            weights, keep_head = train_stages(cfg, method_cls, data, split, run)
+            trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar)
+            if resume_at is not None:
+                trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
+                run.set_info("resumed_from_step", trainer.step)
+            elif weights is not None:
+                trainer.init_from(weights, keep_head)
+            result = trainer.run(progress=cfg["progress"])
+        except BaseException as e:
+            run.set_info("failure", f"{type(e).__name__}: {e}".strip().rstrip(":"))
+            raise
+        result["minutes"] = (time.perf_counter() - start) / 60
+        return result
+
+    return tracked_run(cfg, main, resume=resume_at)
+
+
+def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
+    """Train (or reuse from the stage cache) the method's earlier stages, in order; returns the
+    last stage's weights and whether its classifier head carries over."""
+    weights, keep_head, previous = None, False, None
+    stages_info = {}
+    for stage in method_cls.stages:
+        stage_cls = get_method(stage.method)
+        scfg = stage_config(cfg, stage, stage_cls)
+        key = stage_key(scfg, stage_cls, previous, data.source_hash, split.hash)
+        stage_dir = Path(cfg["results_dir"]) / "stages" / key
+        prior, prior_keep_head = weights, keep_head
+
+        def train(stage_dir: Path) -> None:
+            log = lambda name, value, step: run.log_scalar(f"{stage.name}.{name}", value, step)
+            trainer = Trainer(scfg, stage_cls, data, split, stage_dir, log=log)
+            if trainer.ckpt_path.exists():  # an interrupted stage continues where it stopped
+                trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
+            elif prior is not None:
+                trainer.init_from(prior, prior_keep_head)
+            result = trainer.run(progress=cfg["progress"])
+            save_final(stage_dir, trainer.model, trainer.ema.model, scfg, result)
+
+        weights, reused = run_stage(stage_dir, train)
+        keep_head, previous = stage.keep_head, key
+        stages_info[stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused}
+        run.set_info("stages", stages_info)
+    return weights, keep_head

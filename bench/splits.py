@@ -1,0 +1,106 @@
+"""Split manifests: class-balanced, seeded, persisted and reused.
+
+A split is derived from (dataset source, label budget, validation share, pool, seed) only, with
+its own RNG, so it never depends on what else a run did. The validation set is carved out of the
+labeled budget; the test set is not part of a split at all (it is only ever evaluated).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.errors import UsageError
+from bench.io import atomic_write_text
+
+
+@dataclass
+class Split:
+    labeled: np.ndarray     # labeled-train indices into the training set
+    val: np.ndarray         # validation indices (labeled budget, held out)
+    unlabeled: np.ndarray   # unlabeled pool indices
+    key: dict[str, Any]     # what the split was derived from
+
+    @property
+    def hash(self) -> str:
+        blob = json.dumps({"labeled": self.labeled.tolist(), "val": self.val.tolist(),
+                           "unlabeled": self.unlabeled.tolist()}, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps({"key": self.key, "hash": self.hash, "labeled": self.labeled.tolist(),
+                           "val": self.val.tolist(), "unlabeled": self.unlabeled.tolist()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Split":
+        d = json.loads(text)
+        split = cls(*(np.asarray(d[k], dtype=np.int64) for k in ("labeled", "val", "unlabeled")),
+                    key=d["key"])
+        if split.hash != d["hash"]:
+            raise ValueError("split manifest hash mismatch")
+        return split
+
+
+def budget_per_class(counts: np.ndarray, label_fraction: float, labels_per_class: int | None) -> np.ndarray:
+    """Labeled images per class (validation included)."""
+    if labels_per_class is not None:
+        too_many = np.flatnonzero(counts < labels_per_class)
+        if too_many.size:
+            c = int(too_many[0])
+            raise UsageError(f"--labels-per-class {labels_per_class} is more than class {c} has "
+                             f"({int(counts[c])} images); lower it")
+        return np.full_like(counts, labels_per_class)
+    return np.maximum(np.round(counts * label_fraction).astype(np.int64), 1)
+
+
+def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
+               labels_per_class: int | None = None, val_fraction: float = 0.1,
+               unlabeled_pool: str = "all", seed: int = 0, source_hash: str = "") -> Split:
+    """Draw a class-balanced split of training labels `y` (deterministic in its arguments)."""
+    counts = np.bincount(y, minlength=num_classes)
+    budget = budget_per_class(counts, label_fraction, labels_per_class)
+    if (budget < 2).any():
+        raise UsageError(f"the labeled budget leaves {int(budget.min())} image(s) in a class; validation "
+                         f"needs 1 and training 1: raise --label-fraction or --labels-per-class")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5117]))
+    labeled, val = [], []
+    for c in range(num_classes):
+        members = rng.permutation(np.flatnonzero(y == c))[: budget[c]]
+        n_val = min(max(1, int(round(budget[c] * val_fraction))), budget[c] - 1)
+        val.append(members[:n_val])
+        labeled.append(members[n_val:])
+    labeled_idx = np.sort(np.concatenate(labeled))
+    val_idx = np.sort(np.concatenate(val))
+    # Validation images never enter the unlabeled pool, so a gate read on them is held out.
+    excluded = val_idx if unlabeled_pool == "all" else np.concatenate([val_idx, labeled_idx])
+    unlabeled_idx = np.setdiff1d(np.arange(len(y)), excluded)
+    key = {"source_hash": source_hash, "label_fraction": label_fraction,
+           "labels_per_class": labels_per_class, "val_fraction": val_fraction,
+           "unlabeled_pool": unlabeled_pool, "seed": seed}
+    return Split(labeled_idx.astype(np.int64), val_idx.astype(np.int64), unlabeled_idx.astype(np.int64), key)
+
+
+def split_for(cfg: dict[str, Any], y: np.ndarray, num_classes: int, source_hash: str,
+              cache_dir: Path) -> Split:
+    """The split for a run's config: loaded from the manifest cache, or drawn and persisted."""
+    split = make_split(y, num_classes, label_fraction=cfg["label_fraction"],
+                       labels_per_class=cfg["labels_per_class"], val_fraction=cfg["val_fraction"],
+                       unlabeled_pool=cfg["unlabeled_pool"], seed=cfg["seed"], source_hash=source_hash)
+    key_hash = hashlib.sha256(json.dumps(split.key, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / "splits" / f"{key_hash}.json"
+    if path.exists():
+        try:
+            stored = Split.from_json(path.read_text())
+        except (ValueError, KeyError, json.JSONDecodeError):
+            stored = None  # a damaged manifest is replaced by the freshly drawn one below
+        if stored is not None and stored.hash == split.hash:
+            return stored
+        if stored is not None:
+            raise UsageError(f"split manifest {path} differs from the split this version draws for the "
+                             f"same key; delete it to redraw, or pin the earlier version")
+    atomic_write_text(path, split.to_json())
+    return split

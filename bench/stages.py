@@ -1,0 +1,93 @@
+"""Multi-stage methods: earlier stages are content-addressed and reused.
+
+A method declares `stages = (Stage("pretrain", "mae_pretrain", "pretrain_"), ...)`. Before the
+method's own training, each stage is trained with its own registered method on a config made of
+the run's core options, overridden by the run's options that carry the stage's prefix
+(`--pretrain-steps 800` -> the stage's `steps`). The stage's result is cached under
+`<results_dir>/stages/<hash>/` keyed by everything that determines it, so a sweep over
+fine-tuning knobs pretrains once. A stage killed mid-way resumes from its own checkpoint the next
+time any run needs it; concurrent runs needing one stage wait for each other (file lock).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench import checkpoint
+from bench.config import IDENTITY_EXCLUDED
+from bench.io import atomic_write_text
+
+SPLIT_KEYS = {"label_fraction", "labels_per_class", "val_fraction", "unlabeled_pool"}
+MECHANICS_KEYS = {"eval_every", "ckpt_every", "log_every"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str              # e.g. "pretrain"
+    method: str            # registered method trained in this stage
+    prefix: str            # run options "<prefix>key" set the stage's "key"
+    keep_head: bool = False  # carry the classifier head into the next stage (False after MAE)
+
+
+def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any]:
+    """The stage's resolved config: the run's core options < the stage method's defaults <
+    the run's prefixed options."""
+    from bench.config import CORE_OPTIONS
+    scfg = {k: v for k, v in cfg.items() if k in CORE_OPTIONS}
+    scfg.update({k: opt.default for k, opt in method_cls.options.items()})
+    for key, value in cfg.items():
+        if key.startswith(stage.prefix):
+            name = key[len(stage.prefix):]
+            options = {**CORE_OPTIONS, **method_cls.options}
+            assert name in options, f"stage option {key} names no option of {method_cls.name}"
+            scfg[name] = options[name].convert(name, value)
+    scfg["method"], scfg["preset"] = method_cls.name, cfg.get("preset")
+    return scfg
+
+
+def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_hash: str, split_hash: str) -> str:
+    """Hash of everything that determines a stage's weights."""
+    ignored = IDENTITY_EXCLUDED | MECHANICS_KEYS | {"preset"}
+    if not method_cls.uses_labeled:
+        ignored |= SPLIT_KEYS  # a label-free stage sees every training image, whatever the split
+        split_hash = ""
+    key = {k: v for k, v in scfg.items() if k not in ignored}
+    blob = json.dumps({"config": key, "previous": previous, "data": dataset_hash, "split": split_hash},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str, Any], bool]:
+    """Return the stage's final weights, training them with `train(stage_dir)` unless cached.
+    Returns (weights, reused)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    final = stage_dir / "final.pt"
+    with open(stage_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run needing this stage waits here
+        reused = final.exists()
+        if not reused:
+            train(stage_dir)
+        return checkpoint.load(final), reused
+
+
+def save_final(stage_dir: Path, model: torch.nn.Module, ema_model: torch.nn.Module, scfg: dict, result: dict) -> None:
+    checkpoint.save(stage_dir / "final.pt", {"model": model.state_dict(), "ema": ema_model.state_dict()})
+    atomic_write_text(stage_dir / "stage.json", json.dumps({"config": scfg, "result": result}, indent=2, default=str))
+
+
+def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: bool) -> None:
+    """Load encoder (and, if `keep_head`, classifier) weights with an explicit key mapping:
+    every encoder weight must load; only the head and decoder may differ between stages."""
+    own = model.state_dict()
+    take = {k: v for k, v in state.items() if k.startswith("vit.") and (keep_head or not k.startswith("vit.head"))}
+    missing = [k for k in own if k.startswith("vit.") and k not in take and not k.startswith("vit.head")]
+    if missing:
+        raise RuntimeError(f"stage weights lack encoder parameters {missing[:3]}")
+    result = model.load_state_dict(take, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys

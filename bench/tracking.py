@@ -1,0 +1,127 @@
+"""Every `bench run` is a Sacred run.
+
+`<results_dir>/runs/<id>/` holds Sacred's config.json (the resolved config), run.json (status
+COMPLETED / FAILED / INTERRUPTED, result, host, dependencies), metrics.json (every curve),
+info.json (split hash, checkpoint path, failure reason), cout.txt, and our split.json,
+checkpoint.pt and selected.pt. A resumed run continues in its own directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from sacred import SETTINGS, Experiment
+from sacred.observers import FileStorageObserver
+from sacred.utils import apply_backspaces_and_linefeeds
+
+from bench.errors import UsageError
+from bench.io import atomic_write_text
+
+SETTINGS.DISCOVER_SOURCES = "none"      # the package version is recorded; sources stay in git
+SETTINGS.CAPTURE_MODE = "sys"           # "fd" would record every progress-bar refresh
+logging.getLogger("ssvit-bench").setLevel(logging.WARNING)
+
+
+class RunStore(FileStorageObserver):
+    """FileStorageObserver with atomic JSON writes and in-place resume of an existing run."""
+
+    def __init__(self, basedir: str | Path, resume_step: int | None = None):
+        super().__init__(str(basedir), copy_sources=False)
+        self.resume_step = resume_step
+
+    def save_json(self, obj, filename):
+        from sacred.serializer import flatten
+        atomic_write_text(os.path.join(self.dir, filename), json.dumps(flatten(obj), sort_keys=True, indent=2))
+
+    def _make_run_dir(self, _id):
+        if _id is not None and self.resume_step is not None:
+            self.dir = os.path.join(self.basedir, str(_id))
+            self._truncate_metrics(self.resume_step)
+            return
+        super()._make_run_dir(_id)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop points logged after the checkpoint: the resumed run logs them again."""
+        path = os.path.join(self.dir, "metrics.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            metrics = json.load(f)
+        for series in metrics.values():
+            keep = [i for i, s in enumerate(series["steps"]) if s <= step]
+            for k in ("values", "steps", "timestamps"):
+                series[k] = [series[k][i] for i in keep]
+        self.save_json(metrics, "metrics.json")
+
+
+class RunHandle:
+    """What the training code sees of the tracked run."""
+
+    def __init__(self, sacred_run):
+        self._run = sacred_run
+        self.id = str(sacred_run._id)
+        self.dir = Path(sacred_run.observers[0].dir)
+
+    def log_scalar(self, name: str, value: float, step: int) -> None:
+        self._run.log_scalar(name, value, step)
+
+    def set_info(self, key: str, value: Any) -> None:
+        self._run.info[key] = value
+
+
+def runs_dir(results_dir: str | Path) -> Path:
+    return Path(results_dir) / "runs"
+
+
+def prepare_runs_dir(results_dir: str | Path) -> Path:
+    path = runs_dir(results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"results directory {path} is not writable ({e.strerror}); "
+                         f"pass --results-dir to a writable place") from None
+    return path
+
+
+def mongo_observer(url: str):
+    try:
+        from sacred.observers import MongoObserver
+        import pymongo
+    except ImportError:
+        raise UsageError("--mongo needs pymongo; pip install 'ssvit-bench[mongo]'") from None
+    client = pymongo.MongoClient(url, serverSelectionTimeoutMS=3000)
+    try:
+        client.admin.command("ping")
+    except Exception as e:  # any connection failure: tell the user before the run starts
+        raise UsageError(f"cannot reach MongoDB at {url} ({type(e).__name__}); start it or drop --mongo") from None
+    return MongoObserver(client=client, db_name="ssvit_bench")
+
+
+def tracked_run(cfg: dict[str, Any], main: Callable[[RunHandle], dict], *, resume: tuple[str, int] | None = None,
+                info: dict | None = None) -> tuple[str, dict]:
+    """Run `main` as a Sacred run; `resume=(run_id, checkpoint_step)` continues that run in place."""
+    ex = Experiment("ssvit-bench", save_git_info=False)
+    ex.captured_out_filter = apply_backspaces_and_linefeeds
+    ex.add_config(dict(cfg))
+    store = RunStore(runs_dir(cfg["results_dir"]), resume_step=resume[1] if resume else None)
+    ex.observers.append(store)
+    if cfg.get("mongo"):
+        ex.observers.append(mongo_observer(cfg["mongo"]))
+    handle: dict[str, RunHandle] = {}
+
+    @ex.main
+    def _main(_run):
+        handle["run"] = RunHandle(_run)
+        return main(handle["run"])
+
+    options = {"--loglevel": "WARNING"}
+    if resume:
+        options["--id"] = resume[0]
+    run = ex.run(options=options, info=dict(info or {}))
+    return str(run._id), run.result

@@ -1,0 +1,49 @@
+"""FixMatch (Sohn et al., 2020): hard pseudo-labels from the weak view, confident ones train
+the strong view.
+
+    L = L_sup + lambda_u * mean_i( 1[max q_i >= tau] * CE(f(strong_i), argmax q_i) ),
+    q = softmax(f(weak)) from the online model (or the EMA teacher), without gradient.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from bench.method import Batch, Method, register
+from bench.options import Option, positive, unit_closed
+from bench.pseudo import PseudoLabels, admission_logs, threshold
+
+
+def unlabeled_options(tau: float, mu: float, lambda_u: float, teacher: str) -> dict[str, Option]:
+    """The knobs every threshold-based method shares (FixMatch, Semi-MAE, Semi-ViT)."""
+    return {
+        "tau": Option(tau, "confidence threshold for admitting a pseudo-label", **unit_closed()),
+        "mu": Option(mu, "unlabeled images per labeled image in a step", type=float, **positive()),
+        "lambda_u": Option(lambda_u, "weight of the unlabeled loss", type=float, check=lambda v: v >= 0,
+                           check_msg=">= 0"),
+        "teacher": Option(teacher, "pseudo-label source: the online model or its EMA",
+                          choices=("online", "ema")),
+    }
+
+
+@register("fixmatch")
+class FixMatch(Method):
+    description = "FixMatch: confident weak-view pseudo-labels train the strong view"
+    options = unlabeled_options(tau=0.95, mu=7.0, lambda_u=1.0, teacher="online")
+    uses_unlabeled = True
+
+    def pseudo_label(self, x_weak: Tensor, y_true: Tensor | None) -> tuple[PseudoLabels, dict[str, Tensor]]:
+        pl = threshold(self.teacher_probs(x_weak, self.cfg["teacher"]), self.cfg["tau"])
+        return pl, admission_logs(pl, y_true)
+
+    def unlabeled_loss(self, x_strong: Tensor, pl: PseudoLabels) -> Tensor:
+        per_sample = F.cross_entropy(self.model(x_strong).float(), pl.labels, reduction="none")
+        return (per_sample * pl.mask.float()).mean()  # over all muB images, as FixMatch
+
+    def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        x_weak = self.views.weak(batch.x_u)
+        pl, logs = self.pseudo_label(x_weak, batch.y_u)
+        loss_sup = self.supervised_loss(batch.x_l, batch.y_l)
+        loss_unsup = self.unlabeled_loss(self.views.strong(batch.x_u), pl)
+        loss = loss_sup + self.cfg["lambda_u"] * loss_unsup
+        return loss, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(), **logs}

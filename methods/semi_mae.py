@@ -1,0 +1,47 @@
+"""Semi-MAE (Yu et al., 2023): FixMatch plus a parallel MAE branch through the shared encoder.
+
+The MAE branch reconstructs the masked patches of (by default) the same weak unlabeled views the
+pseudo-labels come from, with a light decoder:  L = L_sup + lambda_u L_u + lambda_rec L_rec.
+The paper publishes no hyper-parameters; defaults follow METHODS.md 1.3.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bench.method import Batch, register
+from bench.options import Option, unit_open
+from methods.fixmatch import FixMatch, unlabeled_options
+
+
+@register("semi_mae")
+class SemiMAE(FixMatch):
+    description = "Semi-MAE: FixMatch + MAE reconstruction of weak unlabeled views"
+    options = {
+        **unlabeled_options(tau=0.95, mu=7.0, lambda_u=1.0, teacher="online"),
+        "mask_ratio": Option(0.75, "fraction of patches the MAE branch removes", **unit_open()),
+        "lambda_rec": Option(1.0, "weight of the reconstruction loss (0 = FixMatch)", type=float,
+                             check=lambda v: v >= 0, check_msg=">= 0"),
+        "mae_input": Option("weak_unlabeled", "images the MAE branch reconstructs",
+                            choices=("weak_unlabeled", "weak_all", "strong")),
+    }
+    uses_decoder = True
+
+    def mae_input(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> Tensor:
+        kind = self.cfg["mae_input"]
+        if kind == "weak_unlabeled":
+            return x_weak
+        if kind == "strong":
+            return x_strong
+        return torch.cat([self.views.weak(batch.x_l), x_weak])
+
+    def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        x_weak, x_strong = self.views.weak(batch.x_u), self.views.strong(batch.x_u)
+        pl, logs = self.pseudo_label(x_weak, batch.y_u)
+        loss_sup = self.supervised_loss(batch.x_l, batch.y_l)
+        loss_unsup = self.unlabeled_loss(x_strong, pl)
+        loss_rec, _, _ = self.model.forward_mae(self.mae_input(batch, x_weak, x_strong), cfg["mask_ratio"])
+        loss = loss_sup + cfg["lambda_u"] * loss_unsup + cfg["lambda_rec"] * loss_rec
+        return loss, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(),
+                      "loss_rec": loss_rec.detach(), **logs}

@@ -1,0 +1,60 @@
+"""Shared test helpers: run the real `bench` CLI in a subprocess and read its Sacred store."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-images.tar.gz"
+
+
+def bench_env(cache: Path) -> dict:
+    env = dict(os.environ, SSVIT_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def bench(args: list[str], cache: Path, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], cwd=cwd or REPO, env=bench_env(cache),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_bench(args: list[str], cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=REPO, env=bench_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before {path} appeared: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
+
+
+def kill(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+
+
+def run_dirs(results: Path) -> list[Path]:
+    runs = results / "runs"
+    return sorted((p for p in runs.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if runs.exists() else []
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def curves(run_dir: Path, skip=("train.img_per_s",)) -> dict:
+    """metrics.json without wall-clock series (timestamps, throughput)."""
+    metrics = load_json(run_dir / "metrics.json")
+    return {k: (v["steps"], v["values"]) for k, v in metrics.items() if k not in skip and not k.endswith("img_per_s")}

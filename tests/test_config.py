@@ -1,0 +1,59 @@
+import pytest
+
+from bench.config import resolve
+from bench.errors import UsageError
+from bench.method import get_method
+
+
+def sup():
+    return get_method("supervised")
+
+
+def test_precedence_defaults_preset_cli():
+    base = resolve(sup())
+    assert base["steps"] == 5000 and base["preset"] is None
+    smoke = resolve(sup(), preset="smoke")
+    assert smoke["steps"] == 60 and smoke["depth"] == 2
+    both = resolve(sup(), preset="smoke", cli={"steps": "7", "lr": "0.01"})
+    assert both["steps"] == 7 and both["lr"] == 0.01 and both["depth"] == 2
+
+
+def test_study_layer_sits_between_preset_and_cli():
+    cfg = resolve(sup(), preset="smoke", study={"steps": 11, "lr": 0.5}, cli={"lr": "0.25"})
+    assert cfg["steps"] == 11 and cfg["lr"] == 0.25
+
+
+def test_preset_file_and_per_method_section(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("steps: 9\nmethods:\n  supervised:\n    lr: 0.123\n  other:\n    tau: 0.5\n")
+    cfg = resolve(sup(), preset=str(p))
+    assert cfg["steps"] == 9 and cfg["lr"] == 0.123 and cfg["preset"] == str(p)
+
+
+@pytest.mark.parametrize("cli, message", [
+    ({"label_fraction": "0"}, "label-fraction: 0.0 is out of range"),
+    ({"label_fraction": "1.5"}, "in \\(0, 1\\]"),
+    ({"steps": "ten"}, "not a valid int"),
+    ({"steps": "2.5"}, "not a valid int"),
+    ({"dataset": "mnist"}, "not one of"),
+    ({"bogus": 1}, "unknown option 'bogus'"),
+    ({"img_size": "30", "patch_size": "4"}, "not divisible"),
+    ({"dataset": "imagefolder"}, "needs --data"),
+])
+def test_invalid_values_are_rejected(cli, message):
+    with pytest.raises(UsageError, match=message):
+        resolve(sup(), cli=cli)
+
+
+def test_unknown_preset_and_method():
+    with pytest.raises(UsageError, match="unknown preset 'huge'"):
+        resolve(sup(), preset="huge")
+    with pytest.raises(UsageError, match="unknown method 'nope'"):
+        get_method("nope")
+
+
+def test_malformed_preset_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("steps: [1, 2\n")
+    with pytest.raises(UsageError, match="cannot read preset"):
+        resolve(sup(), preset=str(p))

@@ -1,0 +1,140 @@
+"""End-to-end `bench run`: Sacred store contents, resume equivalence, CLI errors."""
+import signal
+
+import pytest
+import torch
+
+from helpers import SHARED_CIFAR10, bench, curves, kill, load_json, run_dirs, start_bench, wait_for
+
+SMOKE = ["--dataset", "synthetic", "--preset", "smoke", "--no-progress"]
+
+
+def test_supervised_smoke_run_is_recorded(tmp_path):
+    results = tmp_path / "results"
+    out = bench(["run", "supervised", *SMOKE, "--results-dir", str(results)], tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    assert "COMPLETED" in out.stdout
+    (run,) = run_dirs(results)
+    info, config, record = load_json(run / "info.json"), load_json(run / "config.json"), load_json(run / "run.json")
+    assert record["status"] == "COMPLETED"
+    assert config["method"] == "supervised" and config["preset"] == "smoke" and config["steps"] == 60
+    split = load_json(run / "split.json")
+    assert info["split_hash"] == split["hash"] == record["result"]["split_hash"]
+    assert (run / "checkpoint.pt").exists() and info["checkpoint"].endswith("checkpoint.pt")
+    metrics = load_json(run / "metrics.json")
+    for name in ("train.loss", "train.loss_sup", "train.img_per_s", "val_acc", "val_acc_ema", "test_acc", "test_acc_ema"):
+        assert metrics[name]["values"], name
+    assert metrics["val_acc"]["steps"] == [20, 40, 60]
+    result = record["result"]
+    assert result["test_acc"] == metrics["test_acc"]["values"][-1]
+    # selection reads validation only: the selected point is the best validation accuracy
+    best_val = max(metrics["val_acc"]["values"] + metrics["val_acc_ema"]["values"])
+    assert result["selected_val_acc"] == best_val
+    # the loss falls and the model learns the synthetic classes well above chance (10 %)
+    losses = metrics["train.loss"]["values"]
+    assert losses[-1] < losses[0]
+    assert max(result["test_acc"], result["test_acc_ema"]) > 30
+    # progress-bar refreshes do not flood the captured output
+    assert len((run / "cout.txt").read_text().splitlines()) < 20
+
+
+def _checkpoint_model(run):
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sig):
+    args = ["run", "supervised", *SMOKE, "--steps", "120", "--ckpt-every", "20", "--eval-every", "20"]
+    cache = tmp_path / "cache"
+    full = bench([*args, "--results-dir", str(tmp_path / "a")], cache)
+    assert full.returncode == 0, full.stderr
+    (run_a,) = run_dirs(tmp_path / "a")
+
+    proc = start_bench([*args, "--results-dir", str(tmp_path / "b")], cache)
+    wait_for(tmp_path / "b" / "runs" / "1" / "checkpoint.pt", proc)
+    kill(proc, sig)
+    assert proc.returncode != 0
+    (run_b,) = run_dirs(tmp_path / "b")
+    if sig == signal.SIGINT:
+        assert load_json(run_b / "run.json")["status"] == "INTERRUPTED"
+    assert _checkpoint_model(run_b)["step"] < 120
+
+    resumed = bench([*args, "--results-dir", str(tmp_path / "b"), "--resume", "1"], cache)
+    assert resumed.returncode == 0, resumed.stderr
+    assert run_dirs(tmp_path / "b") == [run_b]  # resumed in place
+    assert load_json(run_b / "run.json")["status"] == "COMPLETED"
+    a, b = _checkpoint_model(run_a), _checkpoint_model(run_b)
+    assert a["step"] == b["step"] == 120
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert curves(run_a) == curves(run_b)
+    ra, rb = load_json(run_a / "run.json")["result"], load_json(run_b / "run.json")["result"]
+    for k in ("test_acc", "test_acc_ema", "test_acc_selected", "selected_step", "val_acc"):
+        assert ra[k] == rb[k], k
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    args = ["run", "supervised", *SMOKE, "--steps", "40", "--ckpt-every", "20", "--results-dir", str(results)]
+    proc = start_bench(args, cache)
+    wait_for(results / "runs" / "1" / "checkpoint.pt", proc)
+    kill(proc)
+    before = sorted(p.name for p in (results / "runs" / "1").iterdir())
+    out = bench([*args[:-2], "--lr", "0.5", "--results-dir", str(results), "--resume", "1"], cache)
+    assert out.returncode == 2
+    assert "cannot resume run 1" in out.stderr and "lr" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (results / "runs" / "1").iterdir()) == before
+    assert run_dirs(results) == [results / "runs" / "1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope"], "unknown method 'nope'"),
+    (["run", "supervised", "--preset", "huge"], "unknown preset 'huge'"),
+    (["run", "supervised", "--dataset", "mnist"], "not one of"),
+    (["run", "supervised", "--label-fraction", "0"], "out of range"),
+    (["run", "supervised", "--label-fraction", "1.5"], "out of range"),
+    (["run", "supervised", "--dataset", "synthetic", "--labels-per-class", "500"], "more than class"),
+    (["run", "supervised", "--steps", "abc"], "not a valid int"),
+    (["run", "supervised", "--no-such-flag", "1"], "unrecognized arguments"),
+    (["run", "supervised", "--dataset", "imagefolder"], "needs --data"),
+    (["run", "supervised", "--dataset", "imagefolder", "--data", "/does/not/exist"], "/does/not/exist"),
+    (["run", "supervised", "--resume", "7"], "--resume 7"),
+    (["frobnicate"], "unknown command"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+    results = tmp_path / "results"
+    out = bench([*args, "--results-dir", str(results)] if args[0] == "run" and len(args) > 1 else args,
+                tmp_path / "cache", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert not results.exists()
+
+
+def test_list_shows_methods_datasets_presets(tmp_path):
+    out = bench(["list"], tmp_path)
+    assert out.returncode == 0
+    for word in ("supervised", "fixmatch", "semi_mae", "ssmae", "semi_vit", "mae_finetune",
+                 "cifar10", "cifar100", "imagefolder", "synthetic", "smoke", "fast", "paper"):
+        assert word in out.stdout
+
+
+def test_help_on_every_command(tmp_path):
+    for args in (["--help"], ["run", "--help"], ["run", "supervised", "--help"], ["list", "--help"]):
+        out = bench(args, tmp_path)
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), args
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="real CIFAR-10 copy not present")
+def test_smoke_run_on_real_cifar10(tmp_path):
+    out = bench(["run", "supervised", "--dataset", "cifar10", "--data", str(SHARED_CIFAR10), "--preset", "smoke",
+                 "--no-progress", "--results-dir", str(tmp_path / "r")], tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr
+    (run,) = run_dirs(tmp_path / "r")
+    result = load_json(run / "run.json")["result"]
+    assert load_json(run / "run.json")["status"] == "COMPLETED"
+    assert 0 <= result["test_acc"] <= 100
