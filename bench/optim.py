@@ -34,7 +34,8 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
 
 def lr_at(step: int, cfg: dict[str, Any]) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine or constant."""
-    base, warmup, total = cfg["lr"], cfg["warmup_steps"], cfg["steps"]
+    base, total = cfg["lr"], cfg["steps"]
+    warmup = min(cfg["warmup_steps"], total)
     if step < warmup:
         return base * (step + 1) / warmup
     if cfg["schedule"] == "constant":

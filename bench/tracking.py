@@ -13,7 +13,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from sacred import SETTINGS, Experiment
+import warnings
+
+with warnings.catch_warnings():  # sacred imports the deprecated pkg_resources
+    warnings.simplefilter("ignore", UserWarning)
+    from sacred import SETTINGS, Experiment
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 

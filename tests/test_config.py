@@ -14,8 +14,8 @@ def test_precedence_defaults_preset_cli():
     assert base["steps"] == 5000 and base["preset"] is None
     smoke = resolve(sup(), preset="smoke")
     assert smoke["steps"] == 60 and smoke["depth"] == 2
-    both = resolve(sup(), preset="smoke", cli={"steps": "7", "lr": "0.01"})
-    assert both["steps"] == 7 and both["lr"] == 0.01 and both["depth"] == 2
+    both = resolve(sup(), preset="smoke", cli={"steps": "70", "lr": "0.01"})
+    assert both["steps"] == 70 and both["lr"] == 0.01 and both["depth"] == 2
 
 
 def test_study_layer_sits_between_preset_and_cli():

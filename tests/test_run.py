@@ -130,9 +130,9 @@ def test_help_on_every_command(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="real CIFAR-10 copy not present")
-def test_smoke_run_on_real_cifar10(tmp_path):
+def test_smoke_run_on_real_cifar10(tmp_path, real_cache):
     out = bench(["run", "supervised", "--dataset", "cifar10", "--data", str(SHARED_CIFAR10), "--preset", "smoke",
-                 "--no-progress", "--results-dir", str(tmp_path / "r")], tmp_path / "cache", timeout=600)
+                 "--no-progress", "--results-dir", str(tmp_path / "r")], real_cache, timeout=600)
     assert out.returncode == 0, out.stderr
     (run,) = run_dirs(tmp_path / "r")
     result = load_json(run / "run.json")["result"]

@@ -1,0 +1,196 @@
+"""Augmented views made in batch on the device, from uint8 images to normalised model inputs.
+
+Every view is one per-sample affine resampling (`affine_grid` + `grid_sample`, mirrored borders)
+that does the crop, flip, geometric RandAugment ops and the resize to the model's resolution in
+a single pass, plus batched colour ops (`torch.where` over per-sample op choices) and Cutout.
+All randomness comes from the run's seeded generator: no per-image Python, same code on CPU.
+
+- eval:   resize only.
+- weak:   random translation by up to `pad_frac` of the side (= reflect-pad + random crop) + flip.
+- strong: weak + `randaug_ops` RandAugment ops at random strength up to `randaug_mag`/10 + Cutout.
+- mae:    random resized crop (scale `mae_scale`, ratio 3/4..4/3) + flip, as in MAE pretraining.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# RandAugment ops. Geometric ops go into the affine matrix; colour ops act on pixels.
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+COLOUR_OPS = ("identity", "brightness", "contrast", "color", "sharpness", "posterize", "solarize",
+              "autocontrast", "equalize")
+OPS = GEOMETRIC_OPS + COLOUR_OPS
+MAX_ROTATE = math.radians(30)
+MAX_SHEAR = 0.3
+MAX_TRANSLATE = 0.3   # fraction of the side
+MAX_ENHANCE = 0.9     # brightness/contrast/colour/sharpness factor 1 +- this
+
+
+class Views:
+    def __init__(self, out_size: int, generator: torch.Generator, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 pad_frac: float = 0.125, randaug_ops: int = 2, randaug_mag: float = 10.0,
+                 cutout_frac: float = 0.5, mae_scale: tuple[float, float] = (0.2, 1.0)):
+        self.out_size = out_size
+        self.generator = generator
+        self.pad_frac = pad_frac
+        self.randaug_ops = randaug_ops
+        self.randaug_mag = randaug_mag
+        self.cutout_frac = cutout_frac
+        self.mae_scale = mae_scale
+        dev = generator.device
+        self.mean = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+
+    # -- the views -----------------------------------------------------------------------------
+    def eval(self, x: Tensor) -> Tensor:
+        img = _to_float(x)
+        if img.shape[-1] != self.out_size or img.shape[-2] != self.out_size:
+            img = F.interpolate(img, size=(self.out_size, self.out_size), mode="bilinear",
+                                align_corners=False, antialias=True)
+        return self._normalise(img)
+
+    def weak(self, x: Tensor) -> Tensor:
+        theta = self._flip(self._translate(_identity(len(x), x.device), x.shape[1]))
+        return self._normalise(self._resample(_to_float(x), theta))
+
+    def strong(self, x: Tensor) -> Tensor:
+        n, dev = len(x), x.device
+        theta = self._flip(self._translate(_identity(n, dev), x.shape[1]))
+        img = _to_float(x)
+        for _ in range(self.randaug_ops):
+            op = torch.randint(len(OPS), (n,), generator=self.generator, device=dev)
+            strength = self._uniform(n, dev) * (self.randaug_mag / 10)
+            sign = torch.where(self._uniform(n, dev) < 0.5, -1.0, 1.0)
+            theta = theta @ _geometric(op, strength * sign)
+            img = _colour(img, op - len(GEOMETRIC_OPS), strength, sign)
+        img = self._resample(img, theta)
+        return self._normalise(self._cutout(img))
+
+    def mae(self, x: Tensor) -> Tensor:
+        n, dev = len(x), x.device
+        lo, hi = self.mae_scale
+        area = lo + (hi - lo) * self._uniform(n, dev)
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * self._uniform(n, dev)
+        sx = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # crop width / image width
+        sy = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
+        cx = (1 - sx) * (2 * self._uniform(n, dev) - 1)  # crop centre keeps the crop inside
+        cy = (1 - sy) * (2 * self._uniform(n, dev) - 1)
+        theta = _identity(n, dev)
+        theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = sx, sy, cx, cy
+        return self._normalise(self._resample(_to_float(x), self._flip(theta)))
+
+    def labeled(self, x: Tensor, kind: str) -> Tensor:
+        return {"weak": self.weak, "strong": self.strong, "mae": self.mae, "eval": self.eval}[kind](x)
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _uniform(self, n: int, dev) -> Tensor:
+        return torch.rand(n, generator=self.generator, device=dev)
+
+    def _translate(self, theta: Tensor, side: int) -> Tensor:
+        """Whole-pixel shifts of up to pad_frac * side: at the native size the view is an exact
+        crop of the mirror-padded image."""
+        pad = int(round(self.pad_frac * side))
+        shift = torch.randint(-pad, pad + 1, (len(theta), 2), generator=self.generator,
+                              device=theta.device).float()
+        theta = theta.clone()
+        theta[:, :, 2] += shift * (2 / side)
+        return theta
+
+    def _flip(self, theta: Tensor) -> Tensor:
+        flip = torch.where(self._uniform(len(theta), theta.device) < 0.5, -1.0, 1.0)
+        theta = theta.clone()
+        theta[:, :, 0] *= flip[:, None]  # mirror the output's x axis
+        return theta
+
+    def _resample(self, img: Tensor, theta: Tensor) -> Tensor:
+        grid = F.affine_grid(theta, [len(img), 3, self.out_size, self.out_size], align_corners=False)
+        return F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def _cutout(self, img: Tensor) -> Tensor:
+        """A square of side cutout_frac * S at a random centre (clipped) set to grey."""
+        n, _, h, w = img.shape
+        side = self.cutout_frac * min(h, w)
+        if side <= 0:
+            return img
+        cy = self._uniform(n, img.device) * h
+        cx = self._uniform(n, img.device) * w
+        rows = torch.arange(h, device=img.device).view(1, h, 1) + 0.5
+        cols = torch.arange(w, device=img.device).view(1, 1, w) + 0.5
+        inside = ((rows - cy.view(n, 1, 1)).abs() < side / 2) & ((cols - cx.view(n, 1, 1)).abs() < side / 2)
+        return torch.where(inside[:, None], torch.full_like(img, 0.5), img)
+
+    def _normalise(self, img: Tensor) -> Tensor:
+        return (img - self.mean) / self.std
+
+
+def _to_float(x: Tensor) -> Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+    return x.permute(0, 3, 1, 2).float().div_(255)
+
+
+def _identity(n: int, dev) -> Tensor:
+    return torch.eye(2, 3, device=dev).repeat(n, 1, 1)
+
+
+def _geometric(op: Tensor, signed: Tensor) -> Tensor:
+    """(n, 3, 3) homogeneous affine matrices of the geometric ops (identity where op is colour)."""
+    n, dev = len(op), op.device
+    m = torch.eye(3, device=dev).repeat(n, 1, 1)
+    angle = signed * MAX_ROTATE
+    rot = op == GEOMETRIC_OPS.index("rotate")
+    m[:, 0, 0] = torch.where(rot, angle.cos(), m[:, 0, 0])
+    m[:, 0, 1] = torch.where(rot, -angle.sin(), m[:, 0, 1])
+    m[:, 1, 0] = torch.where(rot, angle.sin(), m[:, 1, 0])
+    m[:, 1, 1] = torch.where(rot, angle.cos(), m[:, 1, 1])
+    m[:, 0, 1] = torch.where(op == GEOMETRIC_OPS.index("shear_x"), signed * MAX_SHEAR, m[:, 0, 1])
+    m[:, 1, 0] = torch.where(op == GEOMETRIC_OPS.index("shear_y"), signed * MAX_SHEAR, m[:, 1, 0])
+    m[:, 0, 2] = torch.where(op == GEOMETRIC_OPS.index("translate_x"), signed * MAX_TRANSLATE * 2, m[:, 0, 2])
+    m[:, 1, 2] = torch.where(op == GEOMETRIC_OPS.index("translate_y"), signed * MAX_TRANSLATE * 2, m[:, 1, 2])
+    return m  # composed as theta @ m: the op acts in output coordinates first
+
+
+def _grey(img: Tensor) -> Tensor:
+    return (0.299 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3])
+
+
+def _colour(img: Tensor, op: Tensor, strength: Tensor, sign: Tensor) -> Tensor:
+    """Apply colour op `op` (index into COLOUR_OPS; negative = a geometric op = no change) per
+    sample. Every op is computed for the whole batch and selected: cheap at the native size."""
+    n = len(img)
+    s = strength.view(n, 1, 1, 1)
+    factor = 1 + (sign * strength * MAX_ENHANCE).view(n, 1, 1, 1)
+    grey = _grey(img)
+    blurred = F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    lo = img.amin(dim=(2, 3), keepdim=True)
+    hi = img.amax(dim=(2, 3), keepdim=True)
+    bits = (8 - (s * 4).round()).clamp(4, 8)
+    step = 2 ** (8 - bits)
+    candidates = {
+        "brightness": img * factor,
+        "contrast": (img - grey.mean(dim=(2, 3), keepdim=True)) * factor + grey.mean(dim=(2, 3), keepdim=True),
+        "color": (img - grey) * factor + grey,
+        "sharpness": (img - blurred) * factor + blurred,
+        "posterize": torch.floor(img * 255 / step) * step / 255,
+        "solarize": torch.where(img >= 1 - s, 1 - img, img),
+        "autocontrast": torch.where(hi > lo, (img - lo) / (hi - lo).clamp(min=1e-6), img),
+        "equalize": _equalize(img),
+    }
+    out = img
+    for name, value in candidates.items():
+        out = torch.where((op == COLOUR_OPS.index(name)).view(n, 1, 1, 1), value, out)
+    return out.clamp(0, 1)
+
+
+def _equalize(img: Tensor) -> Tensor:
+    """Per-image, per-channel histogram equalisation via each pixel's rank (batched)."""
+    n, c, h, w = img.shape
+    flat = (img * 255).round().reshape(n * c, h * w)
+    # the share of the image's pixels at or below each value = the equalised intensity
+    counts = torch.zeros(n * c, 256, device=img.device).scatter_add_(1, flat.long(), torch.ones_like(flat))
+    cdf = counts.cumsum(1) / (h * w)
+    return cdf.gather(1, flat.long()).reshape(n, c, h, w)

@@ -1,0 +1,90 @@
+"""Device views: shapes, ranges, seeded determinism, and that crops really are crops."""
+import numpy as np
+import pytest
+import torch
+
+from bench.views import IMAGENET_MEAN, IMAGENET_STD, Views
+
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def views(size=16, seed=0, **kw):
+    return Views(size, torch.Generator().manual_seed(seed), **kw)
+
+
+def pixels(v):
+    """Undo the normalisation: back to [0, 1] pixels."""
+    return v * STD + MEAN
+
+
+def images(n=8, size=16, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["eval", "weak", "strong", "mae"])
+@pytest.mark.parametrize("out", [16, 32])
+def test_shapes_ranges_and_seeded_determinism(kind, out):
+    x = images()
+    a = views(out).labeled(x, kind)
+    b = views(out).labeled(x, kind)
+    assert a.shape == (8, 3, out, out) and a.dtype == torch.float32
+    assert torch.equal(a, b)                                 # same seed, same views
+    p = pixels(a)
+    assert p.min() >= -1e-5 and p.max() <= 1 + 1e-5
+    if kind != "eval":
+        assert not torch.equal(a, views(out, seed=1).labeled(x, kind))  # another seed differs
+
+
+def test_eval_view_is_the_normalised_image():
+    x = images()
+    expected = x.permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(pixels(views().eval(x)), expected, atol=1e-5)
+
+
+def test_weak_view_is_a_crop_of_the_mirror_padded_image():
+    x = images(n=6, size=12)
+    pad = 2
+    out = pixels(views(12, pad_frac=pad / 12).weak(x)).permute(0, 2, 3, 1).numpy()
+    padded = np.pad(x.numpy().astype(np.float32) / 255, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="symmetric")
+    for i in range(len(x)):
+        found = False
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                crop = padded[i, dy:dy + 12, dx:dx + 12]
+                for candidate in (crop, crop[:, ::-1]):
+                    found |= np.allclose(out[i], candidate, atol=1e-4)
+        assert found, f"sample {i} is not a shifted (and maybe flipped) crop"
+
+
+def test_mae_view_crops_the_configured_area():
+    ramp = torch.arange(32, dtype=torch.float32).mul(255 / 31).round().to(torch.uint8)
+    x = ramp.view(1, 1, 32, 1).expand(64, 32, 32, 3).contiguous()  # pixel value encodes the column
+    p = pixels(views(32, mae_scale=(0.25, 0.25)).mae(x))[:, 0]
+    span = (p.amax(dim=(1, 2)) - p.amin(dim=(1, 2)))          # width of the crop, as a share of the image
+    lo, hi = (0.25 * 3 / 4) ** 0.5, (0.25 * 4 / 3) ** 0.5
+    assert (span > lo - 0.08).all() and (span < hi + 0.02).all()
+    full = pixels(views(32, mae_scale=(1.0, 1.0)).mae(x))[:, 0]
+    assert (full.amax(dim=(1, 2)) - full.amin(dim=(1, 2)) > 0.85).all()
+
+
+def test_strong_view_cuts_out_a_grey_square_and_changes_colours():
+    x = torch.zeros(16, 16, 16, 3, dtype=torch.uint8)
+    p = pixels(views(16, randaug_ops=0, cutout_frac=0.5).strong(x))
+    grey = (p - 0.5).abs().lt(1e-4).all(dim=1)                # (B, S, S): pixels set to grey
+    assert (grey.flatten(1).sum(1) >= 4 * 4).all()           # at least a quarter of the 8x8 square
+    assert (grey.flatten(1).sum(1) <= 8 * 8).all()
+    y = images(n=64)
+    weak = pixels(views(16, pad_frac=0).weak(y))
+    strong = pixels(views(16, pad_frac=0, cutout_frac=0, randaug_ops=2).strong(y))
+    assert (weak - strong).abs().mean() > 0.02               # RandAugment changed the images
+
+
+def test_views_continue_identically_from_a_saved_generator_state():
+    x = images()
+    v = views()
+    v.strong(x)
+    state = v.generator.get_state()
+    after = v.strong(x)
+    v.generator.set_state(state)
+    assert torch.equal(v.strong(x), after)
