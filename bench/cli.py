@@ -46,16 +46,98 @@ def cmd_run(argv: Sequence[str]) -> int:
     parser.add_argument("--preset", default=None, help="smoke, fast, paper, or a preset .yaml file")
     parser.add_argument("--resume", default=None, metavar="RUN",
                         help="continue an interrupted run (its id under <results-dir>/runs, or its path)")
+    add_set_argument(parser)
+    parser.add_argument("--study-layer", default=None, help=argparse.SUPPRESS)  # set by `bench study`
     add_options(parser, all_options(method_cls))
     args = vars(parser.parse_args(argv[1:]))
     preset, resume = args.pop("preset"), args.pop("resume")
-    cfg = resolve(method_cls, preset=preset, cli=args)
+    study = parse_json(args.pop("study_layer"))
+    cfg = resolve(method_cls, preset=preset, study=study, cli={**parse_sets(args.pop("set")), **args})
 
     from bench.runner import execute
     run_id, result = execute(cfg, resume=resume)
     print(f"run {run_id} COMPLETED: test acc {result['test_acc']:.2f} (EMA {result['test_acc_ema']:.2f}, "
           f"selected on validation {result['test_acc_selected']:.2f}) in {result['minutes']:.1f} min")
     return 0
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any option as in a preset file, e.g. --set steps=200 (repeatable)")
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    import yaml
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps=200")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def parse_json(text: str | None) -> dict[str, Any]:
+    import json
+    return json.loads(text) if text else {}
+
+
+def cmd_study(argv: Sequence[str]) -> int:
+    from bench.studies import study_names
+    parser = Parser(prog="bench study", description="run a study's grid of cells as Optuna trials, "
+                    "one Sacred run each, then write its report")
+    parser.add_argument("study", help=f"one of {', '.join(study_names())}, or a study .yaml file")
+    add_study_arguments(parser)
+    parser.add_argument("--data", default=None, help="dataset archive or folder (see `bench run --help`)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's)")
+    parser.add_argument("--workers", type=int, default=1, help="trials at once on this machine")
+    parser.add_argument("--heartbeat", type=float, default=30.0, help="seconds between trial heartbeats; "
+                        "a trial silent for 4 heartbeats is retried")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_set_argument(parser)
+    args = parser.parse_args(argv)
+    from bench.study_cli import run_study
+    return run_study(args, parse_sets(args.set))
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, help="dataset (default: the study's datasets)")
+    parser.add_argument("--preset", default=None, help="smoke, fast, paper or a preset file (default: the study's)")
+    parser.add_argument("--storage", default=None, help="Optuna storage: an RDB URL such as "
+                        "postgresql://user@host/db to share a study between machines (default: a journal "
+                        "file under <results-dir>/studies)")
+    parser.add_argument("--results-dir", default="results", help="output root (default: results)")
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    parser = Parser(prog="bench report", description="rebuild a study's tables and figures from the stores")
+    parser.add_argument("study", help="study name or .yaml file")
+    add_study_arguments(parser)
+    args = parser.parse_args(argv)
+    from bench.study_cli import report_study
+    return report_study(args)
+
+
+def cmd_tune(argv: Sequence[str]) -> int:
+    parser = Parser(prog="bench tune", description="TPE search of a method's hyperparameters on "
+                    "validation accuracy, with pruning; saves the best as a preset file")
+    parser.add_argument("method")
+    parser.add_argument("--dataset", default="synthetic")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--trials", type=int, default=20, help="trials to run (default 20)")
+    parser.add_argument("--space", default=None, help="search space YAML: {option: {low, high, log} | "
+                        "{choices: [...]}} (default: the method's built-in space)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    add_set_argument(parser)
+    args = parser.parse_args(argv)
+    from bench.tune import tune
+    return tune(args, parse_sets(args.set))
 
 
 def cmd_list(argv: Sequence[str]) -> int:
@@ -68,11 +150,16 @@ def cmd_list(argv: Sequence[str]) -> int:
         print(f"  {name:14s} {REGISTRY[name].description}")
     print("datasets:\n  " + ", ".join(DATASETS))
     print("presets:\n  " + ", ".join(preset_names()))
+    from bench.studies import study_names
+    print("studies:\n  " + ", ".join(study_names()))
     return 0
 
 
 COMMANDS = {"run": (cmd_run, "train one method as a tracked run"),
-            "list": (cmd_list, "list methods, datasets and presets")}
+            "study": (cmd_study, "run a study (grid x seeds) and write its report"),
+            "report": (cmd_report, "rebuild a study's tables and figures"),
+            "tune": (cmd_tune, "search hyperparameters with Optuna TPE"),
+            "list": (cmd_list, "list methods, datasets, presets and studies")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

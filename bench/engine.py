@@ -65,6 +65,7 @@ class Trainer:
     split: Split
     run_dir: Path
     log: LogFn = lambda name, value, step: None
+    flush: Callable[[], None] = lambda: None  # persist logged metrics (called before checkpoints)
     step: int = 0
     selection: Selection = field(default_factory=Selection)
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -116,6 +117,8 @@ class Trainer:
                 "labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict(),
                 "rng": checkpoint.rng_state(self.generator), "selection": vars(self.selection).copy(),
                 "last_eval": dict(self.last_eval), "config": identity(self.cfg),
+                # a Ctrl-C checkpoint falls inside a log window: keep its partial sums
+                "log_window": ({k: v.cpu() for k, v in self._sums.items()}, self._count),
                 "split_hash": self.split.hash}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -132,6 +135,8 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"], self.generator)
         self.selection = Selection(**state["selection"])
         self.last_eval = dict(state["last_eval"])
+        sums, self._count = state["log_window"]
+        self._sums = {k: v.to(self.device) for k, v in sums.items()}
 
     def init_from(self, weights: dict[str, Any], keep_head: bool) -> None:
         """Start from an earlier stage's weights; the EMA starts from the stage's EMA when the
@@ -143,6 +148,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self._check_finite()
+        self.flush()  # metrics first: a kill between the two leaves no gap after resume
         checkpoint.save(self.ckpt_path, self.state_dict())
 
     # -- one step ------------------------------------------------------------------------------
@@ -239,6 +245,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=self.step, desc=cfg["method"], file=sys.stderr, mininterval=2.0,
                    dynamic_ncols=True, disable=not progress, leave=True)
         t_window, t_total, images_total = time.perf_counter(), 0.0, 0
+        last_flush = t_window
         postfix: dict[str, str] = {}
         with _stop_on_sigint(self), bar:
             while self.step < steps:
@@ -256,6 +263,9 @@ class Trainer:
                     bar.update(self.step - bar.n)
                     postfix.update(loss=f"{values['loss']:.3f}", img_s=f"{values['img_per_s']:.0f}")
                     bar.set_postfix(postfix, refresh=False)
+                    if time.perf_counter() - last_flush > 10:  # the store's curves stay current
+                        self.flush()
+                        last_flush = time.perf_counter()
                     t_window = time.perf_counter()
                 if self.method_cls.classifies and (self.step % cfg["eval_every"] == 0 or at_end):
                     postfix["val"] = f"{self.evaluate()['val_acc']:.1f}"

@@ -6,6 +6,7 @@ happens before the Sacred run directory is created, so bad input writes nothing.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print) -> tuple[
     prepare_runs_dir(cfg["results_dir"])
 
     def main(run: RunHandle) -> dict:
+        if os.environ.get("SSVIT_RUN_ID_FILE"):  # a study worker links its trial to this run
+            atomic_write_text(os.environ["SSVIT_RUN_ID_FILE"], run.id)
+        if os.environ.get("SSVIT_TRIAL"):
+            run.set_info("optuna", json.loads(os.environ["SSVIT_TRIAL"]))
         atomic_write_text(run.dir / "split.json", split.to_json())
         run.set_info("split_hash", split.hash)
         run.set_info("dataset_hash", data.source_hash)
@@ -73,7 +78,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print) -> tuple[
         start = time.perf_counter()
         try:
             weights, keep_head = train_stages(cfg, method_cls, data, split, run)
-            trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar)
+            trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush)
             if resume_at is not None:
                 trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
                 run.set_info("resumed_from_step", trainer.step)
@@ -103,7 +108,7 @@ def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
 
         def train(stage_dir: Path) -> None:
             log = lambda name, value, step: run.log_scalar(f"{stage.name}.{name}", value, step)
-            trainer = Trainer(scfg, stage_cls, data, split, stage_dir, log=log)
+            trainer = Trainer(scfg, stage_cls, data, split, stage_dir, log=log, flush=run.flush)
             if trainer.ckpt_path.exists():  # an interrupted stage continues where it stopped
                 trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
             elif prior is not None:

@@ -68,6 +68,14 @@ class RunHandle:
         self._run = sacred_run
         self.id = str(sacred_run._id)
         self.dir = Path(sacred_run.observers[0].dir)
+        # Sacred's timer thread would write metrics.json concurrently with our flushes (lost
+        # updates); we flush ourselves, before every checkpoint, so a kill never loses the curve
+        # points a resume will not log again.
+        sacred_run._stop_heartbeat()
+
+    def flush(self) -> None:
+        """Write the metrics, info and captured output logged so far to the store."""
+        self._run._emit_heartbeat()
 
     def log_scalar(self, name: str, value: float, step: int) -> None:
         self._run.log_scalar(name, value, step)

@@ -1,0 +1,105 @@
+"""Study figures (seaborn): the study's own plot and the training curves of its runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are rebuilt on servers
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from bench.io import atomic_write
+from bench.studies import StudySpec
+
+CURVES = [("val_acc_ema", "validation accuracy (EMA) %"), ("train.pl_rate", "pseudo-label admission rate"),
+          ("train.pl_precision", "pseudo-label precision")]
+
+
+def save(fig, stem: Path) -> None:
+    for ext in ("png", "pdf"):
+        atomic_write(stem.with_suffix(f".{ext}"), lambda tmp, e=ext: fig.savefig(tmp, format=e, dpi=150,
+                                                                              bbox_inches="tight"))
+    plt.close(fig)
+
+
+def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, stem: Path, title: str) -> None:
+    fig_spec = spec.figure or {}
+    kind = fig_spec.get("kind", "line" if spec.axes else "bar")
+    ok = summary[summary["n"] > 0]
+    with_precision = bool(fig_spec.get("precision")) and ok["pl_precision"].notna().any()
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, 2 if with_precision else 1, figsize=(11 if with_precision else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    ylabel = f"{spec.metric} (%)"
+    if kind == "bar":
+        labels = ok["method"] + ok["variant"].map(lambda v: f"\n{v}" if isinstance(v, str) else "")
+        data = ok.assign(label=labels)
+        ax.bar(data["label"], data["mean"], yerr=data["std"].fillna(0), capsize=4,
+               color=sns.color_palette(n_colors=max(1, len(data))))
+        for i, (m, n) in enumerate(zip(data["mean"], data["n"])):
+            ax.annotate(f"{m:.1f}\n(n={n})", (i, m), ha="center", va="bottom", fontsize=7,
+                        xytext=(0, 3), textcoords="offset points")
+        ax.tick_params(axis="x", rotation=30)
+        ax.set_ylabel(ylabel)
+    else:
+        x = fig_spec.get("x") or next(iter(spec.axes))
+        hue = fig_spec.get("hue") or "method"
+        for key, g in ok.groupby(hue, sort=False):
+            g = g.sort_values(x)
+            ax.errorbar(g[x].astype(float), g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
+                        label=f"{hue}={key}" if hue != "method" else str(key))
+        if len(refs):
+            for key, g in refs.groupby("method", sort=False):
+                ax.plot(g[x].astype(float), g["mean"], linestyle="--", marker="x", label=str(key))
+        if fig_spec.get("logx"):
+            ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        if with_precision:
+            pax = axes[0, 1]
+            for key, g in ok.groupby(hue, sort=False):
+                g = g.sort_values(x)
+                pax.plot(g[x].astype(float), 100 * g["pl_precision"], marker="o", label=str(key))
+            pax.set_xlabel(x)
+            pax.set_ylabel("pseudo-label precision (%)")
+            pax.legend(fontsize=7)
+    missing = summary[summary["n"] == 0]
+    if len(missing):  # failed cells are shown as missing, never as zero
+        fig.text(0.01, -0.02, f"missing (no finished run): {', '.join(missing['method'].astype(str).unique())}",
+                 fontsize=7, color="firebrick")
+    fig.suptitle(title, fontsize=9)
+    save(fig, stem)
+
+
+def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str) -> None:
+    """Per group (mean over seeds): validation accuracy, admission rate and precision vs step."""
+    frames = []
+    for _, row in runs.dropna(subset=["run_id"]).iterrows():
+        try:
+            metrics = json.loads((results_dir / "runs" / str(row["run_id"]) / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for name, _ in CURVES:
+            series = metrics.get(name)
+            if series:
+                frames.append(pd.DataFrame({"step": series["steps"], "value": series["values"], "metric": name,
+                                            "method": row["method"], "setting": row["group"].split("|", 1)[-1]}))
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(15, 4))
+    data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "metric", "method", "setting"])
+    style = "setting" if 1 < data["setting"].nunique() <= 6 else None  # more settings than dash styles: pool them
+    for ax, (name, label) in zip(axes, CURVES):
+        d = data[data["metric"] == name]
+        if len(d):
+            sns.lineplot(d, x="step", y="value", hue="method", style=style, ax=ax, errorbar="sd",
+                         legend=ax is axes[0])
+        ax.set_title(label, fontsize=9)
+        ax.set_ylabel("")
+    if axes[0].get_legend():
+        sns.move_legend(axes[0], "upper left", bbox_to_anchor=(0, -0.15), fontsize=6, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    save(fig, stem)

@@ -1,0 +1,138 @@
+"""Study specifications: the YAML files under `studies/` and the grid of cells they declare.
+
+A study lists `methods`, `fixed` options, grid `axes` (each with `values` and, where a method
+names the knob differently, an `option` per method), or named `variants` (option overrides),
+`seeds`, the `metric`, the `figure` to draw and optional paper `reference` values. A cell is
+one (method, axis values, variant, seed); every cell is validated by resolving its config
+before anything runs.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.config import resolve
+from bench.errors import UsageError
+from bench.method import get_method
+
+STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"
+KEYS = {"description", "methods", "fixed", "axes", "variants", "seeds", "metric", "figure", "datasets",
+        "preset", "reference"}
+METRICS = ("test_acc", "test_acc_ema", "test_acc_selected")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    axes: tuple[tuple[str, Any], ...]  # (axis name, value) in declaration order
+    variant: str | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """A stable identifier: the unit of claiming, skipping and reporting."""
+        parts = [self.method] + [f"{k}={v}" for k, v in self.axes]
+        if self.variant is not None:
+            parts.append(f"variant={self.variant}")
+        return "|".join(parts + [f"seed={self.seed}"])
+
+    @property
+    def group(self) -> str:
+        """The key without the seed: cells of one group are averaged."""
+        return self.key.rsplit("|seed=", 1)[0]
+
+
+@dataclass
+class StudySpec:
+    name: str
+    path: Path
+    methods: list[str]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, dict] = field(default_factory=dict)
+    variants: dict[str, dict] = field(default_factory=dict)
+    seeds: int = 3
+    metric: str = "test_acc_ema"
+    figure: dict[str, Any] = field(default_factory=dict)
+    datasets: list[str] | None = None
+    preset: str | None = None
+    reference: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def cells(self, seeds: int | None = None) -> list[Cell]:
+        seeds = self.seeds if seeds is None else seeds
+        grid = list(itertools.product(*[a["values"] for a in self.axes.values()])) or [()]
+        variants = list(self.variants) or [None]
+        return [Cell(m, tuple(zip(self.axes, values)), v, s)
+                for m in self.methods for values in grid for v in variants for s in range(seeds)]
+
+    def study_layer(self, cell: Cell) -> dict[str, Any]:
+        """The options this cell sets (the `study` layer of the config)."""
+        layer = dict(self.fixed)
+        for axis, value in cell.axes:
+            layer[self.axes[axis].get("option", {}).get(cell.method, axis)] = value
+        if cell.variant is not None:
+            layer.update(self.variants[cell.variant])
+        layer["seed"] = cell.seed
+        return layer
+
+    def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
+        return resolve(get_method(cell.method), preset=preset,
+                       study={**self.study_layer(cell), "dataset": dataset}, cli=cli)
+
+
+def study_names() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+
+
+def load_study(name_or_path: str) -> StudySpec:
+    """A shipped study by name, or a study YAML file by path; UsageError on any defect."""
+    path = STUDY_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        path = Path(name_or_path)
+        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+            raise UsageError(f"unknown study '{name_or_path}'; use one of {', '.join(study_names())} "
+                             f"or a path to a study .yaml file")
+    where = f"study {path}"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UsageError(f"{where}: not valid YAML{f' (line {line + 1})' if line is not None else ''}; "
+                         f"fix the file") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: expected a mapping of {', '.join(sorted(KEYS))}; fix the file")
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(KEYS))}")
+    methods = raw.get("methods")
+    if not isinstance(methods, list) or not methods:
+        raise UsageError(f"{where}: 'methods' must be a non-empty list of method names")
+    for m in methods:
+        get_method(str(m))
+    axes = raw.get("axes") or {}
+    if not isinstance(axes, dict):
+        raise UsageError(f"{where}: 'axes' must map an axis name to {{values: [...]}}")
+    for axis, spec in axes.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("values"), list) or not spec["values"]:
+            raise UsageError(f"{where}: axis '{axis}' needs a non-empty 'values' list")
+        if not isinstance(spec.get("option", {}), dict):
+            raise UsageError(f"{where}: axis '{axis}': 'option' maps a method to its option name")
+    variants = raw.get("variants") or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise UsageError(f"{where}: 'variants' must map a variant name to option overrides")
+    seeds = raw.get("seeds", 3)
+    if not isinstance(seeds, int) or seeds < 1:
+        raise UsageError(f"{where}: 'seeds' must be a positive integer")
+    metric = raw.get("metric", "test_acc_ema")
+    if metric not in METRICS:
+        raise UsageError(f"{where}: metric '{metric}' is not one of {', '.join(METRICS)}")
+    if not isinstance(raw.get("fixed", {}) or {}, dict):
+        raise UsageError(f"{where}: 'fixed' must map option names to values")
+    return StudySpec(name=path.stem, path=path, methods=[str(m) for m in methods], fixed=raw.get("fixed") or {},
+                     axes=axes, variants=variants, seeds=seeds, metric=metric, figure=raw.get("figure") or {},
+                     datasets=raw.get("datasets"), preset=raw.get("preset"), reference=raw.get("reference") or {},
+                     description=raw.get("description", ""))

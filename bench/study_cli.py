@@ -1,0 +1,88 @@
+"""`bench study` and `bench report`: validate everything up front, then sweep and report."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from bench.config import DATASETS, synthetic_params
+from bench.data import default_cache_dir, load_dataset
+from bench.errors import UsageError
+from bench.report import write_report
+from bench.studies import StudySpec, load_study
+from bench.sweep import Sweep, default_storage, open_storage, study_name
+from bench.tracking import prepare_runs_dir
+
+
+def _datasets(spec: StudySpec, dataset: str | None) -> list[str]:
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise UsageError(f"unknown dataset '{dataset}'; use one of {', '.join(DATASETS)}")
+        return [dataset]
+    if spec.datasets:
+        return list(spec.datasets)
+    raise UsageError(f"study {spec.name} needs --dataset (one of {', '.join(DATASETS)})")
+
+
+def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    spec = load_study(args.study)
+    if args.workers < 1 or (args.seeds is not None and args.seeds < 1) or args.heartbeat <= 0:
+        raise UsageError("--workers and --seeds must be >= 1 and --heartbeat > 0; fix the value")
+    preset = args.preset or spec.preset
+    results_dir = Path(args.results_dir)
+    cli = {**overrides, **({"data": args.data} if args.data else {})}
+    datasets = _datasets(spec, args.dataset)
+    cells = spec.cells(args.seeds)
+    # Every cell's config is resolved (validated) and the data loaded before anything is written.
+    for dataset in datasets:
+        cfgs = [spec.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
+        cfg = cfgs[0]
+        cache = Path(cfg["cache_dir"]) if cfg["cache_dir"] else default_cache_dir()
+        load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
+    prepare_runs_dir(results_dir)
+    storage = args.storage or default_storage(results_dir)
+    interrupted = False
+    for dataset in datasets:
+        sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
+                      workers=args.workers, heartbeat=args.heartbeat, progress=args.progress)
+        sweep.study.set_user_attr("seeds", len({c.seed for c in cells}))
+        try:
+            counts = sweep.run()
+        except KeyboardInterrupt:
+            interrupted = True
+            counts = None
+        out = write_report(spec, sweep.study, cells, results_dir, dataset, preset)
+        if counts is None:
+            break
+        print(f"study {sweep.name}: {counts['done']}/{counts['cells']} cells done, {counts['failed']} failed "
+              f"this time; report in {out}")
+    if interrupted:
+        raise KeyboardInterrupt
+    return 0
+
+
+def report_study(args: argparse.Namespace) -> int:
+    spec = load_study(args.study)
+    results_dir = Path(args.results_dir)
+    url = args.storage or default_storage(results_dir)
+    if "://" not in url and not Path(url).exists():
+        raise UsageError(f"no study store at {url}; run `bench study {spec.name}` first or pass "
+                         f"--results-dir / --storage")
+    storage = open_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+             if s.study_name.startswith(f"{spec.name}:")]
+    wanted = [n for n in names if (args.dataset is None or n.split(":")[1] == args.dataset)
+              and (args.preset is None or n.split(":")[2] == args.preset)]
+    if not wanted:
+        raise UsageError(f"no runs of study {spec.name} in {url}"
+                         f"{' for ' + args.dataset if args.dataset else ''}; run `bench study` first")
+    for name in wanted:
+        _, dataset, preset = name.split(":", 2)
+        study = optuna.load_study(study_name=name, storage=storage)
+        seeds = study.user_attrs.get("seeds")
+        out = write_report(spec, study, spec.cells(seeds), results_dir, dataset,
+                           None if preset == "default" else preset)
+        print(f"report of {name}: {out}")
+    return 0

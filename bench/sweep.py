@@ -1,0 +1,339 @@
+"""`bench study`: a grid of cells run as Optuna trials, each trial one Sacred run.
+
+One Optuna study per (study, dataset, preset) in a shared storage: an Optuna journal file
+under the results directory by default, or any RDB URL (PostgreSQL) so that workers on many
+machines share it. Every cell is run once:
+
+- Claiming: a worker creates a trial, writes its heartbeat, then the cell key; it reads the
+  trials back and abandons its claim if any other live claim on that cell exists. Of two
+  concurrent claims the later read always sees the other, so at most one proceeds.
+- Heartbeats: a running trial refreshes a timestamp; a claim whose heartbeat is older than the
+  grace period belonged to a dead worker: it is failed and the cell is retried (resuming the
+  run's checkpoint where there is one).
+- A failed cell (e.g. a non-finite loss) is recorded as FAIL and the study goes on; a later
+  `bench study` retries it. COMPLETE cells are never run again.
+
+Each trial is a `bench run` subprocess (one GPU each with several visible) that dies with its
+worker. Trial and run are cross-linked: the trial holds the run id, the run's info the trial.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from bench.errors import UsageError
+from bench.studies import Cell, StudySpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# -- storage ---------------------------------------------------------------------------------
+def default_storage(results_dir: str | Path) -> str:
+    return str(Path(results_dir) / "studies" / "optuna.journal")
+
+
+def open_storage(url: str):
+    """An Optuna storage from an RDB URL or a journal file path; UsageError when unreachable."""
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+        path = Path(url)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        except OSError as e:
+            raise UsageError(f"cannot open the study journal {path} ({e.strerror}); pass --results-dir "
+                             f"or --storage to a writable place") from None
+        return optuna.storages.JournalStorage(backend)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except ImportError as e:
+        raise UsageError(f"--storage {redact(url)} needs a database driver ({e.name}); "
+                         f"pip install 'ssvit-bench[postgres]'") from None
+    except Exception as e:
+        raise UsageError(f"cannot open --storage {redact(url)} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160]}); check the URL and that the server runs") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and run records."""
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def study_name(spec: StudySpec, dataset: str, preset: str | None) -> str:
+    return f"{spec.name}:{dataset}:{preset or 'default'}"
+
+
+# -- cell states -----------------------------------------------------------------------------
+@dataclass
+class Board:
+    """Every cell's trials, read from the storage at one instant."""
+    trials: dict[str, list[FrozenTrial]]
+    now: float
+    grace: float
+
+    def live(self, t: FrozenTrial) -> bool:
+        return t.state == TrialState.RUNNING and self.now - t.system_attrs.get("heartbeat", 0) <= self.grace
+
+    def done(self, key: str) -> bool:
+        return any(t.state == TrialState.COMPLETE for t in self.trials.get(key, []))
+
+    def busy(self, key: str, mine: int | None = None) -> bool:
+        return any(self.live(t) and t.number != mine for t in self.trials.get(key, []))
+
+    def stale(self) -> list[FrozenTrial]:
+        return [t for ts in self.trials.values() for t in ts if t.state == TrialState.RUNNING and not self.live(t)]
+
+
+def read_board(study: optuna.Study, grace: float) -> Board:
+    trials: dict[str, list[FrozenTrial]] = {}
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("cell")
+        if key is not None:
+            trials.setdefault(key, []).append(t)
+    return Board(trials, time.time(), grace)
+
+
+# -- the sweep -------------------------------------------------------------------------------
+@dataclass
+class Sweep:
+    spec: StudySpec
+    dataset: str
+    preset: str | None
+    cells: list[Cell]
+    storage_url: str
+    results_dir: Path
+    cli: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    workers: int = 1
+    heartbeat: float = 30.0
+    progress: bool = True
+    log: Any = print
+
+    def __post_init__(self) -> None:
+        self.grace = 4 * self.heartbeat
+        self.name = study_name(self.spec, self.dataset, self.preset)
+        self.study = optuna.create_study(study_name=self.name, storage=open_storage(self.storage_url),
+                                         load_if_exists=True, direction="maximize")
+        self.study.set_user_attr("spec", str(self.spec.path))
+        self.study.set_user_attr("results_dir", str(self.results_dir.resolve()))
+        self._attempted: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._procs: set[subprocess.Popen] = set()
+        self.failed: list[str] = []
+
+    def run(self) -> dict[str, int]:
+        board = read_board(self.study, self.grace)
+        done = sum(board.done(c.key) for c in self.cells)
+        self.log(f"study {self.name}: {len(self.cells)} cells, {done} already done; "
+                 f"storage {redact(self.storage_url)}")
+        gpus = _visible_gpus()
+        threads = [threading.Thread(target=self._worker, args=(gpus[i % len(gpus)] if gpus else None,),
+                                    daemon=True) for i in range(self.workers)]
+        for t in threads:
+            t.start()
+        bar = tqdm(total=len(self.cells), initial=done, desc=self.spec.name, unit="cell", disable=not self.progress)
+        try:
+            while any(t.is_alive() for t in threads):
+                time.sleep(2.0)
+                now_done = sum(read_board(self.study, self.grace).done(c.key) for c in self.cells)
+                if now_done != bar.n:
+                    bar.update(now_done - bar.n)
+        except KeyboardInterrupt:
+            self._stop.set()
+            for proc in list(self._procs):  # each run checkpoints on SIGINT
+                _signal(proc, signal.SIGINT)
+            for t in threads:
+                t.join()
+            raise
+        finally:
+            bar.close()
+        board = read_board(self.study, self.grace)
+        return {"cells": len(self.cells), "done": sum(board.done(c.key) for c in self.cells),
+                "failed": len(self.failed)}
+
+    # -- one worker --------------------------------------------------------------------------
+    def _worker(self, gpu: str | None) -> None:
+        while not self._stop.is_set():
+            claimed = self._claim()
+            if claimed is None:
+                return
+            if claimed == "wait":
+                time.sleep(min(self.heartbeat, 2.0) * (0.5 + random.random()))
+                continue
+            cell, trial = claimed
+            self._run_trial(cell, trial, gpu)
+
+    def _claim(self):
+        """(cell, trial) claimed for this worker, "wait" while others hold the remaining cells,
+        or None when nothing is left for this invocation."""
+        board = read_board(self.study, self.grace)
+        for t in board.stale():  # a dead worker's trial: fail it so its cell is retried
+            self._finish(t, TrialState.FAIL, reason=f"worker lost: no heartbeat for {self.grace:.0f}s")
+        with self._lock:
+            open_cells = [c for c in self.cells if not board.done(c.key) and c.key not in self._attempted]
+        free = [c for c in open_cells if not board.busy(c.key)]
+        if not free:
+            return "wait" if open_cells else None
+        cell = random.choice(free)  # random: concurrent workers rarely collide
+        trial = self.study.ask()
+        storage = self.study._storage
+        storage.set_trial_system_attr(trial._trial_id, "heartbeat", time.time())
+        trial.set_user_attr("cell", cell.key)
+        after = read_board(self.study, self.grace)
+        if after.busy(cell.key, mine=trial.number) or after.done(cell.key):
+            self._finish(trial, TrialState.PRUNED, reason="claim collision: another worker has this cell")
+            return "wait"
+        with self._lock:
+            self._attempted.add(cell.key)
+        return cell, trial
+
+    def _run_trial(self, cell: Cell, trial: optuna.Trial, gpu: str | None) -> None:
+        cfg_layer = {**self.spec.study_layer(cell), "dataset": self.dataset}
+        for k, v in {"method": cell.method, "seed": cell.seed, "variant": cell.variant, "dataset": self.dataset,
+                     "preset": self.preset or "", **{f"axis.{a}": v for a, v in cell.axes}}.items():
+            trial.set_user_attr(k, v)
+        resume = self._resumable_run(cell)
+        with tempfile.TemporaryDirectory() as tmp:
+            id_file = Path(tmp) / "run_id"
+            cmd = [sys.executable, "-m", "bench.cli", "run", cell.method, "--study-layer", json.dumps(cfg_layer),
+                   "--results-dir", str(self.results_dir), "--no-progress"]
+            if self.preset:
+                cmd += ["--preset", self.preset]
+            if self.data:
+                cmd += ["--data", self.data]
+            for k, v in self.cli.items():
+                cmd += ["--set", f"{k}={v}"]
+            if resume:
+                cmd += ["--resume", resume]
+            env = dict(os.environ, SSVIT_RUN_ID_FILE=str(id_file), PYTHONUNBUFFERED="1",
+                       SSVIT_TRIAL=json.dumps({"study": self.name, "trial": trial.number,
+                                               "storage": redact(self.storage_url), "cell": cell.key}))
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            elif self.workers > 1:  # CPU runs share the cores instead of oversubscribing them
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=_die_with_parent, start_new_session=True)
+            self._procs.add(proc)
+            stderr = self._wait(proc, trial)
+            self._procs.discard(proc)
+            run_id = id_file.read_text().strip() if id_file.exists() else None
+        if run_id:
+            trial.set_user_attr("run_id", run_id)
+        record = self._record(run_id)
+        if proc.returncode == 0 and record.get("status") == "COMPLETED":
+            result = record["result"]
+            for k in ("test_acc", "test_acc_ema", "test_acc_selected", "selected_val_acc", "minutes"):
+                if k in result:
+                    trial.set_user_attr(k, result[k])
+            self._finish(trial, TrialState.COMPLETE, value=result.get("selected_val_acc", 0.0))
+            return
+        reason = _last_line(stderr) or f"exit code {proc.returncode}"
+        if proc.returncode == 130:
+            reason = "interrupted (Ctrl-C); rerun the study to resume it"
+        self._finish(trial, TrialState.FAIL, reason=reason)
+        self.failed.append(cell.key)
+        if proc.returncode != 130:
+            self.log(f"cell {cell.key} FAILED: {reason}")
+
+    def _wait(self, proc: subprocess.Popen, trial: optuna.Trial) -> str:
+        """Wait for the run, refreshing the trial's heartbeat; return its stderr."""
+        chunks: list[str] = []
+        reader = threading.Thread(target=lambda: chunks.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            try:
+                self.study._storage.set_trial_system_attr(trial._trial_id, "heartbeat", time.time())
+            except Exception:  # a storage hiccup must not kill the run; the next beat retries
+                pass
+            try:
+                proc.wait(timeout=self.heartbeat)
+            except subprocess.TimeoutExpired:
+                pass
+        reader.join(timeout=10)
+        return "".join(chunks)
+
+    def _resumable_run(self, cell: Cell) -> str | None:
+        """The run of an earlier, unfinished attempt at this cell that can be resumed."""
+        from bench.runner import check_resumable, find_run_dir
+        board = read_board(self.study, self.grace)
+        for t in sorted(board.trials.get(cell.key, []), key=lambda t: -t.number):
+            run_id = t.user_attrs.get("run_id")
+            if t.state == TrialState.FAIL and run_id:
+                try:
+                    run_dir = find_run_dir(self.results_dir, run_id)
+                    cfg = self.spec.config(cell, self.dataset, self.preset, {**self.cli, "results_dir": str(self.results_dir)})
+                    check_resumable(cfg, run_dir)
+                    return run_id
+                except (UsageError, OSError, ValueError):
+                    continue
+        return None
+
+    def _record(self, run_id: str | None) -> dict:
+        if not run_id:
+            return {}
+        try:
+            return json.loads((self.results_dir / "runs" / run_id / "run.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _finish(self, trial, state: TrialState, value: float | None = None, reason: str = "") -> None:
+        """End a trial (a live `optuna.Trial` or a `FrozenTrial` of another worker)."""
+        try:
+            if reason:
+                self.study._storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+            self.study.tell(trial.number, value if state == TrialState.COMPLETE else None, state=state)
+        except (ValueError, RuntimeError):
+            pass  # another worker finished it first (e.g. two workers failing one stale trial)
+
+
+def _visible_gpus() -> list[str]:
+    try:
+        import torch
+        n = torch.cuda.device_count()
+    except Exception:
+        return []
+    if n <= 1:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[:n] if visible else [str(i) for i in range(n)]
+
+
+def _die_with_parent() -> None:
+    """Linux: the run is killed when its worker dies, so a dead worker leaves no orphan."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _last_line(text: str) -> str:
+    lines = [l.strip() for l in (text or "").splitlines() if l.strip()]
+    return lines[-1][:500] if lines else ""
