@@ -66,6 +66,7 @@ class Trainer:
     run_dir: Path
     log: LogFn = lambda name, value, step: None
     flush: Callable[[], None] = lambda: None  # persist logged metrics (called before checkpoints)
+    on_validation: Callable[[int, dict], None] | None = None  # sees validation accuracy only (pruning)
     step: int = 0
     selection: Selection = field(default_factory=Selection)
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -237,6 +238,8 @@ class Trainer:
                 checkpoint.save(self.run_dir / "selected.pt", {"step": self.step, "model": tag,
                                                                "state_dict": model.state_dict()})
         self.last_eval = metrics
+        if self.on_validation is not None:
+            self.on_validation(self.step, {k: v for k, v in metrics.items() if k.startswith("val_")})
         return metrics
 
     # -- the loop ------------------------------------------------------------------------------

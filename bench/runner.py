@@ -51,7 +51,8 @@ def check_resumable(cfg: dict[str, Any], run_dir: Path) -> int:
     return int(checkpoint.load(ckpt)["step"])
 
 
-def execute(cfg: dict[str, Any], resume: str | None = None, log=print) -> tuple[str, dict]:
+def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_validation=None,
+            info: dict | None = None) -> tuple[str, dict]:
     """Run the method of `cfg` as one tracked run; returns (run id, result)."""
     method_cls = get_method(cfg["method"])
     cache_dir = Path(cfg["cache_dir"]) if cfg["cache_dir"] else default_cache_dir()
@@ -78,7 +79,8 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print) -> tuple[
         start = time.perf_counter()
         try:
             weights, keep_head = train_stages(cfg, method_cls, data, split, run)
-            trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush)
+            trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
+                              on_validation=on_validation)
             if resume_at is not None:
                 trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
                 run.set_info("resumed_from_step", trainer.step)
@@ -87,11 +89,15 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print) -> tuple[
             result = trainer.run(progress=cfg["progress"])
         except BaseException as e:
             run.set_info("failure", f"{type(e).__name__}: {e}".strip().rstrip(":"))
+            try:
+                run.flush()  # the reason and the last curve points reach the store
+            except Exception:
+                pass
             raise
         result["minutes"] = (time.perf_counter() - start) / 60
         return result
 
-    return tracked_run(cfg, main, resume=resume_at)
+    return tracked_run(cfg, main, resume=resume_at, info=info)
 
 
 def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):

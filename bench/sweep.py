@@ -59,11 +59,21 @@ def open_storage(url: str):
             raise UsageError(f"cannot open the study journal {path} ({e.strerror}); pass --results-dir "
                              f"or --storage to a writable place") from None
         return optuna.storages.JournalStorage(backend)
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except ImportError:
+            break
+        except Exception as e:
+            # workers starting together race to create the schema; the loser retries
+            if "IntegrityError" not in type(e).__name__ and "UniqueViolation" not in str(e) or attempt == 5:
+                break
+            time.sleep(0.2 + random.random())
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except ImportError as e:
-        raise UsageError(f"--storage {redact(url)} needs a database driver ({e.name}); "
-                         f"pip install 'ssvit-bench[postgres]'") from None
+        raise UsageError(f"--storage {redact(url)}: its database driver is not installed "
+                         f"({e.__cause__ or e}); for PostgreSQL pip install 'ssvit-bench[postgres]'") from None
     except Exception as e:
         raise UsageError(f"cannot open --storage {redact(url)} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160]}); check the URL and that the server runs") from None
@@ -74,7 +84,8 @@ def redact(url: str) -> str:
     if "://" in url and "@" in url.split("://", 1)[1]:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+        if ":" in creds:
+            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
 
 
@@ -235,7 +246,7 @@ class Sweep:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                     preexec_fn=_die_with_parent, start_new_session=True)
             self._procs.add(proc)
-            stderr = self._wait(proc, trial)
+            stderr = self._wait(proc, trial, id_file)
             self._procs.discard(proc)
             run_id = id_file.read_text().strip() if id_file.exists() else None
         if run_id:
@@ -256,14 +267,19 @@ class Sweep:
         if proc.returncode != 130:
             self.log(f"cell {cell.key} FAILED: {reason}")
 
-    def _wait(self, proc: subprocess.Popen, trial: optuna.Trial) -> str:
-        """Wait for the run, refreshing the trial's heartbeat; return its stderr."""
+    def _wait(self, proc: subprocess.Popen, trial: optuna.Trial, id_file: Path) -> str:
+        """Wait for the run, refreshing the trial's heartbeat and linking its run id as soon as
+        the run exists (so a retry after this worker dies can resume it); return its stderr."""
         chunks: list[str] = []
+        linked = False
         reader = threading.Thread(target=lambda: chunks.append(proc.stderr.read()), daemon=True)
         reader.start()
         while proc.poll() is None:
             try:
                 self.study._storage.set_trial_system_attr(trial._trial_id, "heartbeat", time.time())
+                if not linked and id_file.exists():
+                    trial.set_user_attr("run_id", id_file.read_text().strip())
+                    linked = True
             except Exception:  # a storage hiccup must not kill the run; the next beat retries
                 pass
             try:

@@ -1,0 +1,120 @@
+"""`bench tune`: TPE search over a method's hyperparameters on validation accuracy.
+
+Each trial is one tracked Sacred run (in this process) whose validation accuracy is reported
+at every evaluation, so the median pruner stops hopeless trials early. The objective is the
+validation accuracy of the checkpoint selected on validation; the test set plays no part. The
+best parameters are printed and written as a preset file that `bench run --preset FILE` takes.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from bench.config import load_preset, method_layer, resolve
+from bench.errors import NonFiniteLoss, UsageError
+from bench.io import atomic_write_text
+from bench.method import get_method
+from bench.sweep import default_storage, open_storage, redact
+from bench.tracking import prepare_runs_dir
+
+# name: (low, high, log) for floats; lists are categorical choices. Only the options a method
+# has are searched.
+DEFAULT_SPACE: dict[str, Any] = {
+    "lr": (1e-4, 3e-3, True), "weight_decay": (0.005, 0.3, True), "label_smoothing": (0.0, 0.2, False),
+    "ema_decay": (0.99, 0.9999, True), "tau": (0.5, 0.98, False), "lambda_u": (0.5, 5.0, True),
+    "mask_ratio": (0.5, 0.9, False), "lambda_rec": (0.1, 2.0, True), "confidence": (0.7, 0.99, False),
+    "gate_threshold": (40.0, 90.0, False), "pretrain_mask_ratio": (0.5, 0.9, False),
+}
+
+
+def load_space(path: str | None, options: dict) -> dict[str, Any]:
+    if path is None:
+        return {k: v for k, v in DEFAULT_SPACE.items() if k in options}
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"--space {path}: cannot read it as YAML ({type(e).__name__}); fix the file") from None
+    if not isinstance(raw, dict) or not raw:
+        raise UsageError(f"--space {path}: expected {{option: {{low, high, log}} | {{choices: [...]}}}}")
+    space = {}
+    for name, spec in raw.items():
+        if name not in options:
+            raise UsageError(f"--space {path}: '{name}' is not an option of this method; see `bench run M --help`")
+        if isinstance(spec, dict) and "choices" in spec and isinstance(spec["choices"], list):
+            space[name] = list(spec["choices"])
+        elif isinstance(spec, dict) and {"low", "high"} <= set(spec) and float(spec["low"]) < float(spec["high"]):
+            space[name] = (float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)))
+        else:
+            raise UsageError(f"--space {path}: '{name}' needs low < high (and optional log) or choices")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Any], options: dict) -> dict[str, Any]:
+    params = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            params[name] = trial.suggest_categorical(name, spec)
+        elif options[name].kind is int:
+            params[name] = trial.suggest_int(name, int(spec[0]), int(spec[1]), log=spec[2])
+        else:
+            params[name] = trial.suggest_float(name, spec[0], spec[1], log=spec[2])
+    return params
+
+
+def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from bench.runner import execute
+    method_cls = get_method(args.method)
+    from bench.config import all_options
+    options = all_options(method_cls)
+    space = load_space(args.space, options)
+    if not space:
+        raise UsageError(f"nothing to search for {method_cls.name}; pass --space FILE")
+    if args.trials < 1:
+        raise UsageError("--trials must be >= 1")
+    cli = {**overrides, "dataset": args.dataset, "results_dir": args.results_dir, "progress": args.progress,
+           **({"data": args.data} if args.data else {})}
+    resolve(method_cls, preset=args.preset, cli=cli)  # reject bad input before anything is written
+    prepare_runs_dir(args.results_dir)
+    url = args.storage or default_storage(args.results_dir)
+    name = f"tune:{method_cls.name}:{args.dataset}:{args.preset or 'default'}"
+    study = optuna.create_study(study_name=name, storage=open_storage(url), load_if_exists=True,
+                                direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space, options)
+        cfg = resolve(method_cls, preset=args.preset, study=params, cli=cli)
+
+        def report(step: int, val: dict[str, float]) -> None:
+            trial.report(max(val["val_acc"], val["val_acc_ema"]), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+        run_id, result = execute(cfg, on_validation=report,
+                                 info={"optuna": {"study": name, "trial": trial.number, "storage": redact(url)}})
+        trial.set_user_attr("run_id", run_id)
+        trial.set_user_attr("test_acc_selected", result["test_acc_selected"])  # recorded, never optimised
+        return result["selected_val_acc"]
+
+    study.optimize(objective, n_trials=args.trials, catch=(NonFiniteLoss,))
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        print(f"no trial of {name} completed; see the failed runs under {args.results_dir}/runs")
+        return 1
+    best = study.best_trial
+    base = method_layer(load_preset(args.preset)[1], method_cls.name, "preset")
+    preset = {**base, **{k: v for k, v in overrides.items()}, **best.params}
+    out = Path(args.results_dir) / "tuned" / f"{method_cls.name}-{args.dataset}.yaml"
+    header = (f"# bench tune {method_cls.name} --dataset {args.dataset} --preset {args.preset}: trial "
+              f"{best.number}, validation accuracy {best.value:.2f}\n")
+    atomic_write_text(out, header + yaml.safe_dump(preset, sort_keys=True))
+    print(f"best of {len(study.trials)} trials (trial {best.number}, validation accuracy {best.value:.2f}):")
+    for k, v in best.params.items():
+        print(f"  {k}: {v}")
+    print(f"preset written to {out}; use it with `bench run {method_cls.name} --preset {out}`")
+    print(f"browse the search: optuna-dashboard {url}")
+    return 0

@@ -1,0 +1,221 @@
+"""Studies end to end: the grid runs once per cell, reruns skip finished cells, interrupted and
+killed workers are retried, concurrent workers (journal and PostgreSQL) never duplicate a cell,
+a failing cell is recorded and skipped, and the report equals a hand computation."""
+import json
+import signal
+import statistics
+import time
+import uuid
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from helpers import bench, kill, load_json, run_dirs, start_bench
+
+FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
+        "--set", "ckpt_every=10", "--set", "log_every=5"]
+
+
+def write_study(tmp_path, seeds=2, lrs=(0.002, 0.004)):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""
+description: a 2 x 2 grid for tests
+methods: [supervised]
+axes:
+  label_fraction: {{values: [0.2, 0.4]}}
+  lr: {{values: [{', '.join(map(str, lrs))}]}}
+seeds: {seeds}
+metric: test_acc_ema
+figure: {{kind: line, x: label_fraction, hue: lr}}
+""")
+    return path
+
+
+def trials(storage, name):
+    if "://" not in str(storage):
+        from optuna.storages.journal import JournalFileBackend
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(storage)))
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def completed_per_cell(ts):
+    counts = {}
+    for t in ts:
+        if t.state == TrialState.COMPLETE:
+            counts[t.user_attrs["cell"]] = counts.get(t.user_attrs["cell"], 0) + 1
+    return counts
+
+
+def completed_runs(results):
+    return [r for r in run_dirs(results) if load_json(r / "run.json").get("status") == "COMPLETED"]
+
+
+def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
+    study, results = write_study(tmp_path), tmp_path / "results"
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)]
+    out = bench(args, tmp_path / "cache", timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = run_dirs(results)
+    assert len(runs) == 8 and len(completed_runs(results)) == 8
+    ts = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
+    assert sorted(completed_per_cell(ts).values()) == [1] * 8
+    for t in ts:  # trial and run are cross-linked both ways
+        info = load_json(results / "runs" / t.user_attrs["run_id"] / "info.json")
+        assert info["optuna"]["trial"] == t.number and info["optuna"]["cell"] == t.user_attrs["cell"]
+
+    # the report's numbers equal a hand computation from the stored runs
+    groups = {}
+    for r in runs:
+        cfg, res = load_json(r / "config.json"), load_json(r / "run.json")["result"]
+        groups.setdefault((cfg["label_fraction"], cfg["lr"]), []).append(res["test_acc_ema"])
+    report = results / "reports" / "tiny" / "synthetic-smoke"
+    summary = pd.read_csv(report / "summary.csv")
+    assert len(summary) == 4
+    for _, row in summary.iterrows():
+        values = groups[(row["label_fraction"], row["lr"])]
+        assert row["n"] == 2
+        assert row["mean"] == pytest.approx(statistics.mean(values))
+        assert row["std"] == pytest.approx(statistics.stdev(values))
+    for name in ("table.csv", "table.md", "table.tex", "figure.png", "figure.pdf", "curves.png"):
+        assert (report / name).stat().st_size > 0, name
+    assert f"{statistics.mean(groups[(0.2, 0.002)]):.2f}" in (report / "table.md").read_text()
+
+    # a rerun skips finished cells; `bench report` rebuilds the same numbers from the stores
+    (report / "summary.csv").unlink()
+    again = bench(args, tmp_path / "cache", timeout=300)
+    assert again.returncode == 0 and len(run_dirs(results)) == 8
+    rebuilt = bench(["report", str(study), "--results-dir", str(results)], tmp_path / "cache")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(report / "summary.csv"), summary)
+
+
+def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path):
+    study, results = write_study(tmp_path, seeds=1, lrs=(0.002, 1e30)), tmp_path / "results"
+    out = bench(["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)],
+                tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ts = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(failed) == 2 and all("non-finite loss" in t.user_attrs["reason"] for t in failed)
+    assert len(completed_per_cell(ts)) == 2
+    for t in failed:  # the failed run keeps its status, reason and earlier checkpoints
+        run = results / "runs" / t.user_attrs["run_id"]
+        assert load_json(run / "run.json")["status"] == "FAILED"
+        assert "NonFiniteLoss" in load_json(run / "info.json")["failure"]
+    summary = pd.read_csv(results / "reports" / "tiny" / "synthetic-smoke" / "summary.csv")
+    broken = summary[summary["lr"] == 1e30]
+    assert (broken["n"] == 0).all() and broken["mean"].isna().all()  # missing, never zero
+    assert "—" in (results / "reports" / "tiny" / "synthetic-smoke" / "table.md").read_text()
+
+
+def test_killed_study_resumes_only_missing_cells(tmp_path):
+    study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=60",
+            "--results-dir", str(results), "--heartbeat", "0.5"]
+    proc = start_bench(args, tmp_path / "cache")
+    deadline = time.time() + 300
+    while len(completed_runs(results)) < 1 or not (results / "runs" / "2" / "checkpoint.pt").exists():
+        assert time.time() < deadline and proc.poll() is None, "the study did not get going"
+        time.sleep(0.2)
+    kill(proc, signal.SIGKILL)  # the worker and (with it) its running trial die
+    before = {r.name for r in completed_runs(results)}
+    time.sleep(2.5)  # past the heartbeat grace: the dead trial is stale
+    out = bench(args, tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ts = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
+    assert sorted(completed_per_cell(ts).values()) == [1] * 4
+    after = completed_runs(results)
+    assert len(after) == 4 and before <= {r.name for r in after}  # finished cells were not rerun
+    lost = [t for t in ts if t.state == TrialState.FAIL]
+    assert lost and all("worker lost" in t.user_attrs["reason"] for t in lost)
+    resumed = [r for r in after if "resumed_from_step" in load_json(r / "info.json")]
+    assert resumed, "the interrupted cell continued from its checkpoint"
+
+
+@pytest.fixture
+def postgres():
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
+                                connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e}")
+    name = f"ssvit_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+def _concurrent(tmp_path, storage, workers=3, kill_one=False):
+    study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results),
+            "--heartbeat", "0.5", *(["--storage", storage] if storage else [])]
+    bench(["run", "supervised", "--preset", "smoke", "--steps", "1", "--results-dir", str(tmp_path / "warm"),
+           "--no-progress"], tmp_path / "cache")  # decode the data once, before the race
+    procs = [start_bench(args, tmp_path / "cache") for _ in range(workers)]
+    if kill_one:
+        deadline = time.time() + 300
+        while not any((r / "checkpoint.pt").exists() for r in run_dirs(results)):
+            assert time.time() < deadline
+            time.sleep(0.1)
+        kill(procs[0], signal.SIGKILL)
+    for p in procs[kill_one:]:
+        p.wait(timeout=900)
+        assert p.returncode == 0, p.stderr.read()[-3000:]
+    ts = trials(storage or results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
+    assert sorted(completed_per_cell(ts).values()) == [1] * 4   # every cell exactly once
+    return ts, results
+
+
+def test_concurrent_workers_on_the_journal_run_each_cell_once(tmp_path):
+    _, results = _concurrent(tmp_path, None)
+    assert len(completed_runs(results)) == 4
+
+
+def test_concurrent_workers_on_postgresql_run_each_cell_once(tmp_path, postgres):
+    _, results = _concurrent(tmp_path, postgres)
+    assert len(completed_runs(results)) == 4
+
+
+def test_killed_worker_on_postgresql_has_its_cell_retried(tmp_path, postgres):
+    ts, results = _concurrent(tmp_path, postgres, workers=2, kill_one=True)
+    summary = pd.read_csv(results / "reports" / "tiny" / "synthetic-smoke" / "summary.csv")
+    assert (summary["n"] == 1).all()  # no cell counted twice
+
+
+def test_study_bad_input(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [supervised]\naxes: {lr: {values: []}}\n")
+    cases = [(["study", "nope", "--dataset", "synthetic"], "unknown study 'nope'"),
+             (["study", str(bad), "--dataset", "synthetic"], "needs a non-empty 'values' list"),
+             (["study", "mask_ratio", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--workers", "0"], "--workers"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--set", "lr=-1"], "lr"),
+             (["report", "mask_ratio", "--results-dir", str(tmp_path / "empty")], "no study store")]
+    for args, message in cases:
+        out = bench([*args, "--results-dir", str(tmp_path / "r")] if args[0] == "study" else args, tmp_path / "c")
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, out.stderr)
+    assert not (tmp_path / "r").exists()
+
+
+def test_tune_saves_a_preset_that_run_accepts(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 0.001, high: 0.004, log: true}\nlabel_smoothing: {choices: [0.0, 0.1]}\n")
+    results = tmp_path / "results"
+    out = bench(["tune", "supervised", "--preset", "smoke", "--trials", "3", "--space", str(space),
+                 "--set", "steps=20", "--set", "eval_every=10", "--results-dir", str(results), "--no-progress"],
+                tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    preset = results / "tuned" / "supervised-synthetic.yaml"
+    import yaml
+    values = yaml.safe_load(preset.read_text())
+    assert 0.001 <= values["lr"] <= 0.004 and values["steps"] == 20 and values["depth"] == 2
+    run = bench(["run", "supervised", "--preset", str(preset), "--results-dir", str(tmp_path / "r2"),
+                 "--no-progress"], tmp_path / "cache")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert load_json(run_dirs(tmp_path / "r2")[0] / "config.json")["lr"] == values["lr"]
