@@ -140,6 +140,24 @@ def cmd_tune(argv: Sequence[str]) -> int:
     return tune(args, parse_sets(args.set))
 
 
+def cmd_speed(argv: Sequence[str]) -> int:
+    parser = Parser(prog="bench speed", description="steady-state images/s, step time, TFLOP/s, MFU, "
+                    "peak memory and view share of each method's training step")
+    parser.add_argument("--methods", nargs="+", default=None, help="methods to measure (default: all)")
+    parser.add_argument("--preset", default="smoke", help="preset to measure (default: smoke)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: the preset's)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="the GPU's dense bf16 peak for MFU (default 989, H100 SXM)")
+    parser.add_argument("--results-dir", default="results")
+    add_set_argument(parser)
+    args = parser.parse_args(argv)
+    from bench.speed import speed
+    return speed(args, parse_sets(args.set))
+
+
 def cmd_list(argv: Sequence[str]) -> int:
     from bench.config import DATASETS, preset_names
     from bench.method import REGISTRY, method_names
@@ -159,6 +177,7 @@ COMMANDS = {"run": (cmd_run, "train one method as a tracked run"),
             "study": (cmd_study, "run a study (grid x seeds) and write its report"),
             "report": (cmd_report, "rebuild a study's tables and figures"),
             "tune": (cmd_tune, "search hyperparameters with Optuna TPE"),
+            "speed": (cmd_speed, "measure each method's training-step throughput"),
             "list": (cmd_list, "list methods, datasets, presets and studies")}
 
 

@@ -113,12 +113,7 @@ def load_preset(preset: str | None) -> tuple[str | None, dict[str, Any]]:
     """Return (preset name, its mapping). `preset` is a shipped name or a YAML file path."""
     if preset is None:
         return None, {}
-    path = PRESET_DIR / f"{preset}.yaml"
-    if not path.exists():
-        path = Path(preset)
-        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-            raise UsageError(f"unknown preset '{preset}'; use one of {', '.join(preset_names())} "
-                             f"or a path to a preset .yaml file")
+    path = shipped_or_file(PRESET_DIR, preset, "preset")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -127,6 +122,18 @@ def load_preset(preset: str | None) -> tuple[str | None, dict[str, Any]]:
         raise UsageError(f"preset {path} must be a mapping of option: value; fix the YAML")
     name = preset if path.parent == PRESET_DIR else str(path)
     return name, data
+
+
+def shipped_or_file(directory: Path, name: str, kind: str) -> Path:
+    """`<directory>/<name>.yaml` if shipped, else `name` as a path to a YAML file."""
+    path = directory / f"{name}.yaml"
+    if path.is_file():
+        return path
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        names = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise UsageError(f"unknown {kind} '{name}'; use one of {', '.join(names)} or a path to a {kind} .yaml file")
+    return path
 
 
 def preset_names() -> list[str]:

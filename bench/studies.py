@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bench.config import resolve
+from bench.config import resolve, shipped_or_file
 from bench.errors import UsageError
 from bench.method import get_method
 
@@ -90,12 +90,7 @@ def study_names() -> list[str]:
 
 def load_study(name_or_path: str) -> StudySpec:
     """A shipped study by name, or a study YAML file by path; UsageError on any defect."""
-    path = STUDY_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        path = Path(name_or_path)
-        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-            raise UsageError(f"unknown study '{name_or_path}'; use one of {', '.join(study_names())} "
-                             f"or a path to a study .yaml file")
+    path = shipped_or_file(STUDY_DIR, name_or_path, "study")
     where = f"study {path}"
     try:
         raw = yaml.safe_load(path.read_text())

@@ -1,0 +1,70 @@
+"""Faults: a non-finite loss keeps the last good checkpoint, atomic writes survive a crash
+mid-write, an unreachable observer is reported before anything is written, `bench speed` runs."""
+import json
+
+import pytest
+import torch
+
+from bench import checkpoint
+from bench.config import resolve
+from bench.data import make_synthetic
+from bench.engine import Trainer
+from bench.errors import NonFiniteLoss
+from bench.io import atomic_write, atomic_write_text
+from bench.method import get_method
+from bench.splits import make_split
+from helpers import bench
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = make_synthetic(4, 16, 20, 5)
+    cfg = resolve(get_method("supervised"), preset="smoke", cli={"img_size": 16, "patch_size": 4,
+                                                               "steps": 40, "ckpt_every": 10, "progress": False})
+    t = Trainer(cfg, get_method("supervised"), data, make_split(data.train_y, 4, label_fraction=0.5, seed=0), tmp_path)
+    cfg["steps"] = 10
+    t.run(progress=False)
+    good = checkpoint.load(t.ckpt_path)
+    assert good["step"] == 10
+    cfg["steps"], cfg["lr"], cfg["warmup_steps"] = 40, 1e30, 0  # the run diverges from here
+    with pytest.raises(NonFiniteLoss, match="non-finite loss"):
+        t.run(progress=False)
+    kept = checkpoint.load(t.ckpt_path)
+    assert kept["step"] == 10  # the diverged state never replaced the good checkpoint
+    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_a_crash_mid_write_leaves_the_previous_version(tmp_path):
+    target = tmp_path / "table.csv"
+    atomic_write_text(target, "old,complete\n")
+
+    def crash(tmp):
+        with open(tmp, "w") as f:
+            f.write("new,half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, crash)
+    assert target.read_text() == "old,complete\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]  # no temporary left behind
+
+
+def test_unreachable_mongo_is_reported_before_anything_is_written(tmp_path):
+    out = bench(["run", "supervised", "--preset", "smoke", "--mongo", "mongodb://127.0.0.1:1/x",
+                 "--results-dir", str(tmp_path / "r")], tmp_path / "c")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and ("MongoDB" in lines[0] or "pymongo" in lines[0]), out.stderr
+    assert not list((tmp_path / "r" / "runs").glob("[0-9]*")) if (tmp_path / "r" / "runs").exists() else True
+
+
+def test_speed_runs_on_cpu_and_writes_its_table(tmp_path):
+    out = bench(["speed", "--methods", "supervised", "fixmatch", "--steps", "2", "--warmup", "1",
+                 "--results-dir", str(tmp_path)], tmp_path / "c", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "speed" / "speed-smoke-cpu.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["supervised", "fixmatch"]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["tflop_per_step"] > 0 and 0 < r["views_pct"] < 100
+    assert rows[1]["images_per_step"] > rows[0]["images_per_step"]  # fixmatch adds unlabeled images
+    assert "CPU figures" in out.stdout
