@@ -56,8 +56,6 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
             peak_tflops: float, tmp: Path) -> dict[str, Any]:
     cls = get_method(method)
     cfg = resolve(cls, preset=preset, cli={**overrides, "progress": False})
-    if not cls.classifies:
-        cfg = {**cfg}
     data = make_synthetic(classes=10, size=32, train_per_class=max(64, cfg["batch_size"] * 2), test_per_class=4)
     split = make_split(data.train_y, data.num_classes, label_fraction=0.5, seed=0)
     trainer = Trainer(cfg, cls, data, split, tmp)

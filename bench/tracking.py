@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
-
-import warnings
 
 with warnings.catch_warnings():  # sacred imports the deprecated pkg_resources
     warnings.simplefilter("ignore", UserWarning)
