@@ -12,12 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 
-from bench.errors import UsageError
-from bench.io import atomic_write, atomic_write_text
+from bench.io import atomic_write_text
 from bench.studies import Cell, StudySpec
 
 PRECISION = "train.pl_precision"

@@ -12,7 +12,7 @@ from bench.data import default_cache_dir, load_dataset
 from bench.errors import UsageError
 from bench.report import write_report
 from bench.studies import StudySpec, load_study
-from bench.sweep import Sweep, default_storage, open_storage, study_name
+from bench.sweep import Sweep, default_storage, open_storage
 from bench.tracking import prepare_runs_dir
 
 

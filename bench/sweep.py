@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from bench.errors import UsageError
+from bench.runner import check_resumable, find_run_dir
 from bench.studies import Cell, StudySpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -291,7 +292,6 @@ class Sweep:
 
     def _resumable_run(self, cell: Cell) -> str | None:
         """The run of an earlier, unfinished attempt at this cell that can be resumed."""
-        from bench.runner import check_resumable, find_run_dir
         board = read_board(self.study, self.grace)
         for t in sorted(board.trials.get(cell.key, []), key=lambda t: -t.number):
             run_id = t.user_attrs.get("run_id")

@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 import yaml
 
-from bench.config import load_preset, method_layer, resolve
+from bench.config import all_options, load_preset, method_layer, resolve
 from bench.errors import NonFiniteLoss, UsageError
 from bench.io import atomic_write_text
 from bench.method import get_method
@@ -68,7 +68,6 @@ def suggest(trial: optuna.Trial, space: dict[str, Any], options: dict) -> dict[s
 def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from bench.runner import execute
     method_cls = get_method(args.method)
-    from bench.config import all_options
     options = all_options(method_cls)
     space = load_space(args.space, options)
     if not space:

@@ -1,7 +1,6 @@
 """Studies end to end: the grid runs once per cell, reruns skip finished cells, interrupted and
 killed workers are retried, concurrent workers (journal and PostgreSQL) never duplicate a cell,
 a failing cell is recorded and skipped, and the report equals a hand computation."""
-import json
 import signal
 import statistics
 import time
