@@ -9,9 +9,38 @@ import torch
 from bench.io import atomic_write
 
 
+class _Writer:
+    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer turns
+    it into an opaque RuntimeError ("unexpected pos ..."), hiding a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_to(tmp: str, state: dict[str, Any]) -> None:
+    with open(tmp, "wb") as f:
+        writer = _Writer(f)
+        try:
+            torch.save(state, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
 def save(path: str | Path, state: dict[str, Any]) -> None:
     """Write `state` to a temporary file and rename it over `path`: a crash keeps the old one."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: _save_to(tmp, state))
 
 
 def load(path: str | Path) -> dict[str, Any]:

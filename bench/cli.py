@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from bench.errors import NonFiniteLoss, UsageError
+from bench.errors import NonFiniteLoss, RunStopped, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -200,8 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"run FAILED: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; continue with --resume RUN", file=sys.stderr)
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e or 'the last checkpoint is kept'}", file=sys.stderr)
         return 130
 
 

@@ -1,4 +1,5 @@
-"""Errors the CLI turns into a one-line message and exit code 2."""
+"""Errors the CLI turns into a one-line message: exit 2 for bad input, 1 for a stopped run,
+130 for Ctrl-C."""
 
 
 class UsageError(Exception):
@@ -7,3 +8,12 @@ class UsageError(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the run is stopped and marked FAILED."""
+
+
+class RunStopped(RuntimeError):
+    """The run could not go on (its results directory became unwritable, the disk filled up);
+    the message says what is kept and how to continue."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a message saying what was kept and how to continue."""

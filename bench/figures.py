@@ -58,7 +58,8 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             ax.set_xscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # an empty report (nothing finished yet) has none
+            ax.legend(fontsize=7)
         if with_precision:
             pax = axes[0, 1]
             for key, g in ok.groupby(hue, sort=False):

@@ -15,7 +15,7 @@ from bench import checkpoint
 from bench.config import identity, synthetic_params
 from bench.data import default_cache_dir, load_dataset
 from bench.engine import Trainer
-from bench.errors import UsageError
+from bench.errors import Interrupted, RunStopped, UsageError
 from bench.io import atomic_write_text
 from bench.method import get_method
 from bench.splits import split_for
@@ -93,11 +93,26 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 run.flush()  # the reason and the last curve points reach the store
             except Exception:
                 pass
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted(f"run {run.id} stopped; {kept(run.dir, run.id)}") from None
+            if isinstance(e, OSError):
+                where = Path(e.filename).parent if e.filename else run.dir
+                raise RunStopped(f"run {run.id} stopped: cannot write to {where} ({e.strerror or e}); "
+                                 f"{kept(run.dir, run.id)} once the directory is writable again") from None
             raise
         result["minutes"] = (time.perf_counter() - start) / 60
         return result
 
     return tracked_run(cfg, main, resume=resume_at, info=info)
+
+
+def kept(run_dir: Path, run_id: str) -> str:
+    """What a stopped run leaves behind, and how to continue it."""
+    try:
+        step = int(checkpoint.load(run_dir / "checkpoint.pt")["step"])
+    except Exception:  # missing or unreadable: nothing to resume from
+        return "finished stages are cached; start the run again to continue"
+    return f"its checkpoint at step {step} is kept; continue with `--resume {run_id}`"
 
 
 def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):

@@ -9,10 +9,10 @@ import optuna
 
 from bench.config import DATASETS, synthetic_params
 from bench.data import default_cache_dir, load_dataset
-from bench.errors import UsageError
+from bench.errors import Interrupted, UsageError
 from bench.report import write_report
 from bench.studies import StudySpec, load_study
-from bench.sweep import Sweep, default_storage, open_storage
+from bench.sweep import Sweep, default_storage, open_storage, read_board
 from bench.tracking import prepare_runs_dir
 
 
@@ -43,7 +43,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
     prepare_runs_dir(results_dir)
     storage = args.storage or default_storage(results_dir)
-    interrupted = False
+    interrupted = None
     for dataset in datasets:
         sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
                       workers=args.workers, heartbeat=args.heartbeat, progress=args.progress)
@@ -51,15 +51,17 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         try:
             counts = sweep.run()
         except KeyboardInterrupt:
-            interrupted = True
             counts = None
         out = write_report(spec, sweep.study, cells, results_dir, dataset, preset)
         if counts is None:
+            done = sum(read_board(sweep.study, sweep.grace).done(c.key) for c in cells)
+            interrupted = (f"study {sweep.name} stopped with {done}/{len(cells)} cells done; running cells "
+                           f"were checkpointed; report so far in {out}; rerun the same command to continue")
             break
         print(f"study {sweep.name}: {counts['done']}/{counts['cells']} cells done, {counts['failed']} failed "
               f"this time; report in {out}")
     if interrupted:
-        raise KeyboardInterrupt
+        raise Interrupted(interrupted)
     return 0
 
 

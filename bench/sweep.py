@@ -164,20 +164,25 @@ class Sweep:
         for t in threads:
             t.start()
         bar = tqdm(total=len(self.cells), initial=done, desc=self.spec.name, unit="cell", disable=not self.progress)
+        # Ctrl-C only sets a flag: a KeyboardInterrupt raised inside a storage call could leave
+        # the journal's lock behind.
+        interrupt = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupt.set())
         try:
-            while any(t.is_alive() for t in threads):
-                time.sleep(2.0)
+            while any(t.is_alive() for t in threads) and not interrupt.wait(2.0):
                 now_done = sum(read_board(self.study, self.grace).done(c.key) for c in self.cells)
                 if now_done != bar.n:
                     bar.update(now_done - bar.n)
-        except KeyboardInterrupt:
-            self._stop.set()
-            for proc in list(self._procs):  # each run checkpoints on SIGINT
-                _signal(proc, signal.SIGINT)
-            for t in threads:
-                t.join()
-            raise
+            if interrupt.is_set():
+                with self._lock:
+                    self._stop.set()
+                    for proc in self._procs:  # each run checkpoints on SIGINT and exits
+                        _signal(proc, signal.SIGINT)
+                for t in threads:
+                    t.join()
+                raise KeyboardInterrupt
         finally:
+            signal.signal(signal.SIGINT, previous)
             bar.close()
         board = read_board(self.study, self.grace)
         return {"cells": len(self.cells), "done": sum(board.done(c.key) for c in self.cells),
@@ -193,6 +198,9 @@ class Sweep:
                 time.sleep(min(self.heartbeat, 2.0) * (0.5 + random.random()))
                 continue
             cell, trial = claimed
+            if self._stop.is_set():  # Ctrl-C came while claiming: give the cell back
+                self._finish(trial, TrialState.FAIL, reason="interrupted (Ctrl-C) before it started")
+                return
             self._run_trial(cell, trial, gpu)
 
     def _claim(self):
@@ -246,7 +254,10 @@ class Sweep:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                     preexec_fn=_die_with_parent, start_new_session=True)
-            self._procs.add(proc)
+            with self._lock:  # a Ctrl-C that raced this start reaches the new run too
+                self._procs.add(proc)
+                if self._stop.is_set():
+                    _signal(proc, signal.SIGINT)
             stderr = self._wait(proc, trial, id_file)
             self._procs.discard(proc)
             run_id = id_file.read_text().strip() if id_file.exists() else None

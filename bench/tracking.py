@@ -20,12 +20,14 @@ with warnings.catch_warnings():  # sacred imports the deprecated pkg_resources
 from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
-from bench.errors import UsageError
+from bench.errors import RunStopped, UsageError
 from bench.io import atomic_write_text
 
 SETTINGS.DISCOVER_SOURCES = "none"      # the package version is recorded; sources stay in git
 SETTINGS.CAPTURE_MODE = "sys"           # "fd" would record every progress-bar refresh
-logging.getLogger("ssvit-bench").setLevel(logging.WARNING)
+# The CLI reports every outcome in one line of its own; Sacred's "Failed after ..." and
+# observer tracebacks would only repeat it.
+logging.getLogger("ssvit-bench").setLevel(logging.CRITICAL)
 
 
 class RunStore(FileStorageObserver):
@@ -34,6 +36,30 @@ class RunStore(FileStorageObserver):
     def __init__(self, basedir: str | Path, resume_step: int | None = None):
         super().__init__(str(basedir), copy_sources=False)
         self.resume_step = resume_step
+        self.write_error: OSError | None = None
+
+    # Sacred would log a failed write and silently drop the observer for the rest of the run;
+    # we keep the error so that the next flush stops the run while its checkpoint is intact.
+    def _guarded(self, event: str, **kwargs) -> None:
+        try:
+            getattr(super(), event)(**kwargs)
+        except OSError as e:
+            self.write_error = e
+
+    def log_metrics(self, **kwargs):
+        self._guarded("log_metrics", **kwargs)
+
+    def heartbeat_event(self, **kwargs):
+        self._guarded("heartbeat_event", **kwargs)
+
+    def completed_event(self, **kwargs):
+        self._guarded("completed_event", **kwargs)
+
+    def interrupted_event(self, **kwargs):
+        self._guarded("interrupted_event", **kwargs)
+
+    def failed_event(self, **kwargs):
+        self._guarded("failed_event", **kwargs)
 
     def save_json(self, obj, filename):
         from sacred.serializer import flatten
@@ -73,8 +99,13 @@ class RunHandle:
         sacred_run._stop_heartbeat()
 
     def flush(self) -> None:
-        """Write the metrics, info and captured output logged so far to the store."""
+        """Write the metrics, info and captured output logged so far to the store; raises the
+        OSError of a write that failed."""
+        store = self._run.observers[0]
+        store.write_error = None
         self._run._emit_heartbeat()
+        if store.write_error is not None:
+            raise store.write_error
 
     def log_scalar(self, name: str, value: float, step: int) -> None:
         self._run.log_scalar(name, value, step)
@@ -135,4 +166,7 @@ def tracked_run(cfg: dict[str, Any], main: Callable[[RunHandle], dict], *, resum
     if resume:
         options["--id"] = resume[0]
     run = ex.run(options=options, info=dict(info or {}))
+    if store.write_error is not None:  # trained to the end, but the record is incomplete
+        raise RunStopped(f"run {run._id} finished but its record in {store.dir} could not be written "
+                         f"({store.write_error.strerror or store.write_error}); its final checkpoint is kept")
     return str(run._id), run.result

@@ -1,6 +1,12 @@
 """Faults: a non-finite loss keeps the last good checkpoint, atomic writes survive a crash
-mid-write, an unreachable observer is reported before anything is written, `bench speed` runs."""
+mid-write, a results directory that turns read-only or full mid-run stops the run with its
+checkpoint intact, an unreachable observer is reported before anything is written, `bench speed`
+runs."""
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +19,62 @@ from bench.errors import NonFiniteLoss
 from bench.io import atomic_write, atomic_write_text
 from bench.method import get_method
 from bench.splits import make_split
-from helpers import bench
+from helpers import REPO, bench, bench_env, load_json
+
+
+# A private mount namespace lets the test turn the results directory read-only (or full) under a
+# running `bench run`, for real and even as root, without touching the rest of the machine.
+UNWRITABLE = {
+    "read-only": ("mount --bind \"$R\" \"$R\"", "mount -o remount,bind,ro \"$R\""),
+    "disk full": ("mount -t tmpfs -o size=24m tmpfs \"$R\"",
+                  "dd if=/dev/zero of=\"$R/filler\" bs=1M 2>/dev/null || true"),
+}
+SCRIPT = """
+set -u
+{mount}
+"$PY" -m bench.cli run supervised --preset smoke --steps 5000 --ckpt-every 20 --eval-every 20 \\
+    --no-progress --results-dir "$R" > "$OUT/stdout" 2> "$OUT/stderr" &
+pid=$!
+while [ ! -f "$R/runs/1/checkpoint.pt" ]; do kill -0 $pid 2>/dev/null || break; sleep 0.05; done
+{break_it}
+wait $pid
+echo $? > "$OUT/rc"
+rm -f "$R/filler"
+cp -a "$R/." "$OUT/results/"
+"""
+
+
+@pytest.mark.parametrize("fault", UNWRITABLE)
+def test_results_directory_turning_unwritable_mid_run_keeps_its_checkpoint(tmp_path, fault):
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and util-linux unshare for a private mount namespace")
+    results, out = tmp_path / "r", tmp_path / "out"
+    results.mkdir()
+    (out / "results").mkdir(parents=True)
+    mount, break_it = UNWRITABLE[fault]
+    env = {**bench_env(tmp_path / "cache"), "R": str(results), "OUT": str(out), "PY": sys.executable}
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           SCRIPT.format(mount=mount, break_it=break_it)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    stderr = (out / "stderr").read_text().strip().splitlines()
+    assert (out / "rc").read_text().strip() == "1", stderr
+    assert len(stderr) == 1 and "Traceback" not in stderr[0], stderr  # one line, no traceback storm
+    reason = "Read-only file system" if fault == "read-only" else "No space left on device"
+    assert stderr[0].startswith("error: run 1 stopped: cannot write to") and reason in stderr[0]
+
+    run = out / "results" / "runs" / "1"
+    kept = checkpoint.load(run / "checkpoint.pt")  # intact and loadable, never half-written
+    assert 20 <= kept["step"] < 5000 and kept["step"] % 20 == 0
+    assert f"its checkpoint at step {kept['step']} is kept; continue with `--resume 1`" in stderr[0]
+    assert not list(run.glob(".*.tmp"))  # no temporary left behind
+
+    resumed = bench(["run", "supervised", "--preset", "smoke", "--steps", "5000", "--ckpt-every", "20",
+                     "--eval-every", "20", "--no-progress", "--results-dir", str(out / "results"),
+                     "--resume", "1"], tmp_path / "cache", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_json(run / "run.json")["status"] == "COMPLETED"
+    assert load_json(run / "info.json")["resumed_from_step"] == kept["step"]
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
