@@ -181,6 +181,9 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["img_size"] % cfg["patch_size"]:
         raise UsageError(f"--img-size {cfg['img_size']} is not divisible by --patch-size "
                          f"{cfg['patch_size']}; pick sizes that divide")
+    if cfg["dataset"] == "synthetic" and cfg["data"]:
+        raise UsageError(f"--data {cfg['data']} is ignored by --dataset synthetic; pick --dataset cifar10, "
+                         f"cifar100 or imagefolder, or drop --data")
     if cfg["dataset"] == "imagefolder" and not cfg["data"]:
         raise UsageError("--dataset imagefolder needs --data PATH (a train/<class>, test/<class> "
                          "folder or a .tar/.tar.gz of one)")

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -68,6 +69,19 @@ class Dataset:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SSVIT_CACHE") or Path.home() / ".cache" / "ssvit-bench")
+
+
+def prepare_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The cache directory (given, else the default), created and checked writable."""
+    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cache directory {path} is not writable ({e.strerror}); pass --cache-dir "
+                         f"or set $SSVIT_CACHE to a writable place") from None
+    return path
 
 
 def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,

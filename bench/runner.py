@@ -11,16 +11,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench import checkpoint
 from bench.config import identity, synthetic_params
-from bench.data import default_cache_dir, load_dataset
-from bench.engine import Trainer
+from bench.data import load_dataset, prepare_cache_dir
+from bench.engine import Trainer, pick_device
 from bench.errors import Interrupted, RunStopped, UsageError
 from bench.io import atomic_write_text
 from bench.method import get_method
+from bench.model import build_model
 from bench.splits import split_for
 from bench.stages import run_stage, save_final, stage_config, stage_key
-from bench.tracking import RunHandle, prepare_runs_dir, runs_dir, tracked_run
+from bench.tracking import RunHandle, mongo_observer, prepare_runs_dir, runs_dir, tracked_run
 
 
 def find_run_dir(results_dir: str | Path, run: str) -> Path:
@@ -55,15 +58,19 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
             info: dict | None = None) -> tuple[str, dict]:
     """Run the method of `cfg` as one tracked run; returns (run id, result)."""
     method_cls = get_method(cfg["method"])
-    cache_dir = Path(cfg["cache_dir"]) if cfg["cache_dir"] else default_cache_dir()
+    pick_device(cfg["device"])
+    cache_dir = prepare_cache_dir(cfg["cache_dir"])
     data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg),
                         progress=cfg["progress"])
     split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
+    with torch.device("meta"):  # a model the options cannot build is rejected before any write
+        build_model(cfg, data.num_classes, with_decoder=method_cls.uses_decoder)
     resume_at = None
     if resume is not None:
         run_dir = find_run_dir(cfg["results_dir"], resume)
         resume_at = (run_dir.name, check_resumable(cfg, run_dir))
         cfg = {**cfg, "results_dir": str(run_dir.parent.parent)}
+    observers = [mongo_observer(cfg["mongo"])] if cfg["mongo"] else []
     prepare_runs_dir(cfg["results_dir"])
 
     def main(run: RunHandle) -> dict:
@@ -103,7 +110,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
         result["minutes"] = (time.perf_counter() - start) / 60
         return result
 
-    return tracked_run(cfg, main, resume=resume_at, info=info)
+    return tracked_run(cfg, main, resume=resume_at, info=info, observers=observers)
 
 
 def kept(run_dir: Path, run_id: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 
 from bench.config import DATASETS, synthetic_params
-from bench.data import default_cache_dir, load_dataset
+from bench.data import load_dataset, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
 from bench.report import write_report
 from bench.studies import StudySpec, load_study
@@ -39,7 +39,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     for dataset in datasets:
         cfgs = [spec.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
         cfg = cfgs[0]
-        cache = Path(cfg["cache_dir"]) if cfg["cache_dir"] else default_cache_dir()
+        cache = prepare_cache_dir(cfg["cache_dir"])
         load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
     prepare_runs_dir(results_dir)
     storage = args.storage or default_storage(results_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -146,15 +147,14 @@ def mongo_observer(url: str):
 
 
 def tracked_run(cfg: dict[str, Any], main: Callable[[RunHandle], dict], *, resume: tuple[str, int] | None = None,
-                info: dict | None = None) -> tuple[str, dict]:
-    """Run `main` as a Sacred run; `resume=(run_id, checkpoint_step)` continues that run in place."""
+                info: dict | None = None, observers: list | None = None) -> tuple[str, dict]:
+    """Run `main` as a Sacred run recorded in the file store (and `observers`);
+    `resume=(run_id, checkpoint_step)` continues that run in place."""
     ex = Experiment("ssvit-bench", save_git_info=False)
     ex.captured_out_filter = apply_backspaces_and_linefeeds
     ex.add_config(dict(cfg))
     store = RunStore(runs_dir(cfg["results_dir"]), resume_step=resume[1] if resume else None)
-    ex.observers.append(store)
-    if cfg.get("mongo"):
-        ex.observers.append(mongo_observer(cfg["mongo"]))
+    ex.observers.extend([store, *(observers or [])])
     handle: dict[str, RunHandle] = {}
 
     @ex.main
@@ -166,6 +166,9 @@ def tracked_run(cfg: dict[str, Any], main: Callable[[RunHandle], dict], *, resum
     if resume:
         options["--id"] = resume[0]
     run = ex.run(options=options, info=dict(info or {}))
+    for observer in run._failed_observers:  # e.g. MongoDB went away mid-run; Sacred dropped it
+        print(f"warning: the {type(observer).__name__} stopped recording during run {run._id}; "
+              f"the run is complete in {store.dir}", file=sys.stderr)
     if store.write_error is not None:  # trained to the end, but the record is incomplete
         raise RunStopped(f"run {run._id} finished but its record in {store.dir} could not be written "
                          f"({store.write_error.strerror or store.write_error}); its final checkpoint is kept")

@@ -2,8 +2,6 @@
 and tarballs, the uint8 cache, downloads with checksums, synthetic data, and bad input."""
 import hashlib
 import io
-import json
-import pickle
 import tarfile
 
 import numpy as np
@@ -13,55 +11,8 @@ from PIL import Image
 from bench import data as datamod
 from bench.data import CIFAR10_CLASSES, fetch, load_dataset, make_synthetic
 from bench.errors import UsageError
-from helpers import REPO, SHARED_CIFAR10
-
-CIFAR100_META = REPO.parent / "shared" / "data" / "cifar100-meta.json"
-
-
-def _pickle(obj) -> bytes:
-    return pickle.dumps(obj, protocol=2)
-
-
-def _batch(rng, n, key, num_classes):
-    x = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    y = rng.integers(0, num_classes, size=n).tolist()
-    return {b"data": x, key: y, b"batch_label": b"x"}
-
-
-def build_cifar10(root, n=12, seed=0):
-    """A small archive laid out exactly as cifar-10-python.tar.gz: pickled batches of rows."""
-    rng = np.random.default_rng(seed)
-    members = {f"data_batch_{i}": _batch(rng, n, b"labels", 10) for i in range(1, 6)}
-    members["test_batch"] = _batch(rng, n, b"labels", 10)
-    members["batches.meta"] = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
-    return _write_archive(root / "cifar-10-python.tar.gz", "cifar-10-batches-py", members), members
-
-
-def build_cifar100(root, n=30, seed=0):
-    rng = np.random.default_rng(seed)
-    names = (json.loads(CIFAR100_META.read_text())["fine_label_names"] if CIFAR100_META.exists()
-             else [f"c{i:03d}" for i in range(100)])
-    members = {}
-    for split in ("train", "test"):
-        b = _batch(rng, n, b"fine_labels", 100)
-        b[b"coarse_labels"] = [l // 5 for l in b[b"fine_labels"]]
-        members[split] = b
-    members["meta"] = {b"fine_label_names": [c.encode() for c in names], b"coarse_label_names": []}
-    return _write_archive(root / "cifar-100-python.tar.gz", "cifar-100-python", members), members, names
-
-
-def _write_archive(path, folder, members):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in members.items():
-            raw = _pickle(obj)
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-    return path
-
-
-def rows_to_images(x):
-    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+from builders import build_cifar10, build_cifar100, rows_to_images, write_image_folder
+from helpers import SHARED_CIFAR10
 
 
 def test_cifar10_archive_and_extracted_folder(tmp_path):
@@ -105,19 +56,6 @@ def test_truncated_and_incomplete_archives_are_rejected(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         load_dataset("cifar10", tmp_path / "nowhere.tar.gz", tmp_path / "cache", progress=False)
     assert not list((tmp_path / "cache").glob("arrays/*.npz"))  # nothing cached from bad input
-
-
-def write_image_folder(root, classes=("b_cls", "a_cls", "c_cls"), per_class=(4, 2), size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    expected = {}
-    for split, n in zip(("train", "test"), per_class):
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
-                Image.fromarray(img).save(root / split / c / f"{i:03d}.png")
-                expected[(split, c, i)] = img
-    return expected
 
 
 def test_image_folder_directory_and_tarballs_agree(tmp_path):

@@ -116,7 +116,7 @@ def test_unreachable_mongo_is_reported_before_anything_is_written(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and ("MongoDB" in lines[0] or "pymongo" in lines[0]), out.stderr
-    assert not list((tmp_path / "r" / "runs").glob("[0-9]*")) if (tmp_path / "r" / "runs").exists() else True
+    assert not (tmp_path / "r").exists()
 
 
 def test_speed_runs_on_cpu_and_writes_its_table(tmp_path):

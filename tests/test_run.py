@@ -55,8 +55,12 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sig):
     kill(proc, sig)
     assert proc.returncode != 0
     (run_b,) = run_dirs(tmp_path / "b")
-    if sig == signal.SIGINT:
+    if sig == signal.SIGINT:  # Ctrl-C: a clean stop and a one-line message
         assert load_json(run_b / "run.json")["status"] == "INTERRUPTED"
+        stderr = [line for line in proc.stderr.read().splitlines() if line.strip()]
+        step = _checkpoint_model(run_b)["step"]
+        assert stderr == [f"interrupted: run 1 stopped; its checkpoint at step {step} is kept; "
+                          f"continue with `--resume 1`"]
     assert _checkpoint_model(run_b)["step"] < 120
 
     resumed = bench([*args, "--results-dir", str(tmp_path / "b"), "--resume", "1"], cache)

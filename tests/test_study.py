@@ -9,6 +9,7 @@ import uuid
 import optuna
 import pandas as pd
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from helpers import bench, kill, load_json, run_dirs, start_bench
@@ -131,6 +132,37 @@ def test_killed_study_resumes_only_missing_cells(tmp_path):
     assert lost and all("worker lost" in t.user_attrs["reason"] for t in lost)
     resumed = [r for r in after if "resumed_from_step" in load_json(r / "info.json")]
     assert resumed, "the interrupted cell continued from its checkpoint"
+
+
+def test_ctrl_c_stops_a_study_cleanly_and_a_rerun_resumes_it(tmp_path):
+    study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=1000",
+            "--results-dir", str(results), "--heartbeat", "0.5"]
+    proc = start_bench(args, tmp_path / "cache")
+    deadline = time.time() + 300
+    while not (results / "runs" / "1" / "checkpoint.pt").exists():
+        assert time.time() < deadline and proc.poll() is None, "the study did not get going"
+        time.sleep(0.1)
+    kill(proc, signal.SIGINT)  # what Ctrl-C sends to the study's foreground process
+    stderr = [line for line in proc.stderr.read().splitlines() if line.strip()]
+    assert proc.returncode == 130
+    assert len(stderr) == 1, stderr  # one line, no traceback
+    assert stderr[0].startswith("interrupted: study tiny:synthetic:smoke stopped with 0/4 cells done")
+    assert "rerun the same command to continue" in stderr[0]
+    (run,) = run_dirs(results)  # the running cell stopped at a step boundary and checkpointed
+    assert load_json(run / "run.json")["status"] == "INTERRUPTED"
+    step = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
+    assert 0 < step < 1000
+    (t,) = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
+    assert t.state == TrialState.FAIL and t.user_attrs["reason"].startswith("interrupted")
+    assert (results / "reports" / "tiny" / "synthetic-smoke" / "table.md").exists()  # the report so far
+
+    out = bench(args, tmp_path / "cache", timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ts = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
+    assert sorted(completed_per_cell(ts).values()) == [1] * 4
+    assert len(run_dirs(results)) == 4 and len(completed_runs(results)) == 4  # resumed in place
+    assert load_json(run / "info.json")["resumed_from_step"] == step
 
 
 @pytest.fixture
