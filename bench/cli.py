@@ -145,12 +145,14 @@ def cmd_speed(argv: Sequence[str]) -> int:
                     "peak memory and view share of each method's training step")
     parser.add_argument("--methods", nargs="+", default=None, help="methods to measure (default: all)")
     parser.add_argument("--preset", default="smoke", help="preset to measure (default: smoke)")
+    parser.add_argument("--suite", default=None, help="measure a suite of workloads with reference figures "
+                        "and targets instead: 'targets' (the H100 target table) or a suite .yaml file")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: the preset's)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="the GPU's dense bf16 peak for MFU (default 989, H100 SXM)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU (default: the suite's, else 989, H100 SXM)")
     parser.add_argument("--results-dir", default="results")
     add_set_argument(parser)
     args = parser.parse_args(argv)

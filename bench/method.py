@@ -101,6 +101,10 @@ class Method:
         (`val["raw"]`, `val["ema"]`); the test set never reaches a method. Returned values are
         logged at this step."""
 
+    def steady_state(self) -> None:
+        """Enter the regime that dominates a long run (e.g. an open gate), so that `bench speed`
+        times the full step rather than a warm-up shortcut."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

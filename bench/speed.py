@@ -1,23 +1,27 @@
-"""`bench speed`: steady-state throughput of every method's training step on this machine.
+"""`bench speed`: steady-state throughput of training steps on this machine.
 
-Per method: images consumed per second (labeled + unlabeled), step time, FLOPs of one step
-(torch's flop counter, forward + backward), achieved TFLOP/s and MFU against a peak, peak GPU
-memory, and the share of the step spent making views (the recorded view calls of one step,
-timed alone). Runs on CPU too; CPU rows are labelled as such.
+Per workload (a method at a preset, with overrides): images consumed per second (labeled +
+unlabeled), step time, FLOPs of one step (torch's flop counter, forward + backward), achieved
+TFLOP/s and MFU against a peak, peak GPU memory, and the share of the step spent making views
+(the recorded view calls of one step, timed alone). A suite file adds reference figures and
+targets, and the verdict per row. Runs on CPU too; CPU rows are labelled as such.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.config import resolve
+from bench.config import resolve, shipped_or_file
 from bench.data import make_synthetic
 from bench.engine import Trainer
 from bench.errors import UsageError
@@ -61,6 +65,7 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
     trainer = Trainer(cfg, cls, data, split, tmp)
     views = RecordedViews(trainer.views)
     trainer.method.views = views
+    trainer.method.steady_state()
     dev = trainer.device
     for _ in range(warmup):  # compilation, autotuning, allocator warm-up
         trainer.train_step()
@@ -72,7 +77,8 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
         trainer.train_step()
     _sync(dev)
     step_s = (time.perf_counter() - start) / steps
-    with FlopCounterMode(display=False) as counter:  # one eager step, forward + backward
+    # One eager step, forward + backward: compiled kernels would hide their FLOPs from the counter.
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         trainer.train_step()
     flops = counter.get_total_flops()
     views.recording = True
@@ -87,7 +93,7 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
     view_s = (time.perf_counter() - start) / steps
     images = trainer.n_labeled + trainer.n_unlabeled
     tflops = flops / step_s / 1e12
-    return {"method": method, "preset": preset or "default", "device": _device_name(dev),
+    return {"method": method, "preset": preset or "default", "device": device_name(dev),
             "img_per_s": images / step_s, "images_per_step": images, "step_ms": 1000 * step_s,
             "tflop_per_step": flops / 1e12, "tflop_per_s": tflops,
             "mfu_pct": 100 * tflops / peak_tflops if dev.type == "cuda" else float("nan"),
@@ -95,36 +101,110 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
             "views_pct": 100 * view_s / step_s, "compile": cfg["compile"], "amp": "bf16" if trainer.use_bf16 else "fp32"}
 
 
-def _device_name(dev: torch.device) -> str:
+SUITE_DIR = Path(__file__).parent / "speed_suites"
+
+
+@dataclass
+class Workload:
+    name: str
+    method: str
+    preset: str | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+    reference: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Suite:
+    name: str
+    workloads: list[Workload]
+    peak_tflops: float | None = None
+    views_pct_max: float | None = None
+
+
+def load_suite(name: str) -> Suite:
+    """A shipped suite (bench/speed_suites/<name>.yaml) or a suite YAML file."""
+    path = shipped_or_file(SUITE_DIR, name, "speed suite")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UsageError(f"speed suite {path}: not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("workloads"), list) or not spec["workloads"]:
+        raise UsageError(f"speed suite {path}: expected a mapping with a non-empty 'workloads' list; fix the file")
+    workloads = []
+    for i, w in enumerate(spec["workloads"]):
+        if not isinstance(w, dict) or "method" not in w:
+            raise UsageError(f"speed suite {path}: workload {i + 1} needs at least 'method'; fix the file")
+        get_method(w["method"])
+        unknown = set(w) - {"name", "label", "method", "preset", "set", "reference", "target"}
+        if unknown:
+            raise UsageError(f"speed suite {path}: workload {i + 1} has unknown keys {sorted(unknown)}; fix the file")
+        bad = set(w.get("target") or {}) - {"img_per_s", "mfu_pct"}
+        if bad:
+            raise UsageError(f"speed suite {path}: targets can be img_per_s and mfu_pct, not {sorted(bad)}")
+        workloads.append(Workload(w.get("name", w["method"]), w["method"], w.get("preset"), dict(w.get("set") or {}),
+                                  w.get("label", ""), dict(w.get("reference") or {}), dict(w.get("target") or {})))
+    return Suite(spec.get("name", path.stem), workloads, spec.get("peak_tflops"), spec.get("views_pct_max"))
+
+
+def verdict(row: dict[str, Any], wl: Workload, views_pct_max: float | None, on_gpu: bool) -> str:
+    """'met', 'MISSED: ...' or 'n/a on CPU' against the workload's targets."""
+    if not (wl.target or views_pct_max is not None):
+        return ""
+    if not on_gpu:
+        return "n/a on CPU"
+    missed = [f"{k} {row[k]:.0f} < {v}" for k, v in wl.target.items() if not row[k] >= v]
+    if views_pct_max is not None and not row["views_pct"] <= views_pct_max:
+        missed.append(f"views {row['views_pct']:.1f}% > {views_pct_max}%")
+    return "MISSED: " + "; ".join(missed) if missed else "met"
+
+
+def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
 def speed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    import tempfile
-    names = args.methods or method_names()
-    for m in names:
-        get_method(m)
-    if args.steps < 1 or args.warmup < 0 or args.peak_tflops <= 0:
+    if args.steps < 1 or args.warmup < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
         raise UsageError("--steps must be >= 1, --warmup >= 0 and --peak-tflops > 0")
+    if args.suite:
+        if args.methods:
+            raise UsageError("--methods and --suite are exclusive: a suite names its own workloads")
+        suite = load_suite(args.suite)
+    else:
+        names = args.methods or method_names()
+        for m in names:
+            get_method(m)
+        suite = Suite(args.preset, [Workload(m, m, args.preset) for m in names])
+    peak = args.peak_tflops or suite.peak_tflops or 989.0
     if args.compile is not None:
         overrides = {**overrides, "compile": args.compile}
+    for wl in suite.workloads:  # every config is valid before the first measurement
+        resolve(get_method(wl.method), preset=wl.preset, cli={**wl.overrides, **overrides})
+    on_gpu = torch.cuda.is_available()
     rows = []
-    for m in names:
+    for wl in suite.workloads:
         with tempfile.TemporaryDirectory() as tmp:
-            rows.append(measure(m, args.preset, args.steps, args.warmup, overrides, args.peak_tflops, Path(tmp)))
-        r = rows[-1]
-        print(f"{m:14s} {r['img_per_s']:10.0f} img/s  {r['step_ms']:8.1f} ms/step  {r['tflop_per_s']:7.2f} TFLOP/s"
-              f"  views {r['views_pct']:4.1f}%", flush=True)
+            row = measure(wl.method, wl.preset, args.steps, args.warmup, {**wl.overrides, **overrides}, peak, Path(tmp))
+        row = {"workload": wl.name, **row, "reference_img_per_s": wl.reference.get("img_per_s", float("nan")),
+               "target_img_per_s": wl.target.get("img_per_s", float("nan")),
+               "verdict": verdict(row, wl, suite.views_pct_max, on_gpu)}
+        rows.append(row)
+        print(f"{wl.name:24s} {row['img_per_s']:10.0f} img/s  {row['step_ms']:8.1f} ms/step  "
+              f"{row['tflop_per_s']:7.2f} TFLOP/s  views {row['views_pct']:4.1f}%  {row['verdict']}", flush=True)
     table = pd.DataFrame(rows)
-    cpu = not torch.cuda.is_available()
-    title = f"bench speed, preset {args.preset or 'default'}, {rows[0]['device']}" + (" (CPU figures)" if cpu else "")
+    title = f"bench speed, {'suite' if args.suite else 'preset'} {suite.name}, {rows[0]['device']}" + ("" if on_gpu else " (CPU figures)")
     print("\n" + title)
-    print(table.drop(columns=["preset", "device"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    shown = table.drop(columns=["device"]).dropna(axis=1, how="all")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     out = Path(args.results_dir) / "speed"
-    stem = f"speed-{args.preset or 'default'}-{'cpu' if cpu else 'cuda'}"
+    stem = f"speed-{suite.name}-{'cuda' if on_gpu else 'cpu'}"
     atomic_write_text(out / f"{stem}.csv", table.to_csv(index=False))
-    atomic_write_text(out / f"{stem}.json", json.dumps({"title": title, "rows": rows}, indent=2))
+    atomic_write_text(out / f"{stem}.json", json.dumps({"title": title, "peak_tflops": peak,
+                                                         "views_pct_max": suite.views_pct_max,
+                                                         "workloads": [w.__dict__ for w in suite.workloads],
+                                                         "rows": rows}, indent=2, default=str))
     print(f"written to {out / stem}.csv and .json")
     return 0

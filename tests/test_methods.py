@@ -77,6 +77,21 @@ def test_ssmae_gate_opens_on_validation_and_then_admits(data, tmp_path):
     assert len(m.memory) == len(torch.unique(batch.idx_u))
 
 
+def test_ssmae_steady_state_opens_the_gate_so_speed_times_the_teacher_passes(data, tmp_path):
+    from torch.utils.flop_counter import FlopCounterMode
+    t = trainer_for("ssmae", data, tmp_path)
+
+    def step_flops():
+        with FlopCounterMode(display=False) as counter:
+            t.train_step()
+        return counter.get_total_flops()
+
+    closed = step_flops()
+    t.method.steady_state()
+    assert t.method.gate.is_open
+    assert step_flops() > closed  # the no-grad passes on the weak and strong views now run
+
+
 def test_ssmae_training_never_reads_test_labels(data, tmp_path):
     """Scrambling the test labels changes reported test accuracy only: weights, gate and memory
     are bitwise identical."""

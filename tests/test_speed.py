@@ -1,0 +1,65 @@
+"""`bench speed`: per-method throughput on CPU, suites with reference figures and targets,
+and the verdict against a target."""
+import json
+
+import pytest
+
+from bench.speed import Workload, verdict
+from helpers import bench
+
+
+def test_speed_runs_on_cpu_and_writes_its_table(tmp_path):
+    out = bench(["speed", "--methods", "supervised", "fixmatch", "--steps", "2", "--warmup", "1",
+                 "--results-dir", str(tmp_path)], tmp_path / "c", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "speed" / "speed-smoke-cpu.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["supervised", "fixmatch"]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["tflop_per_step"] > 0 and 0 < r["views_pct"] < 100
+    assert rows[1]["images_per_step"] > rows[0]["images_per_step"]  # fixmatch adds unlabeled images
+    assert "CPU figures" in out.stdout
+
+
+def test_a_suite_measures_its_workloads_beside_their_references(tmp_path):
+    suite = tmp_path / "mini.yaml"
+    suite.write_text("""
+views_pct_max: 90
+workloads:
+  - {name: small-batch, method: supervised, preset: smoke, set: {batch_size: 8},
+     reference: {img_per_s: 10, source: a paper}, target: {img_per_s: 1}}
+  - {name: ssmae-smoke, method: ssmae, preset: smoke}
+""")
+    out = bench(["speed", "--suite", str(suite), "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path)],
+                tmp_path / "c", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    saved = json.loads((tmp_path / "speed" / "speed-mini-cpu.json").read_text())
+    small, ssmae = saved["rows"]
+    assert (small["workload"], small["images_per_step"]) == ("small-batch", 8)  # the suite's override
+    assert small["reference_img_per_s"] == 10 and small["target_img_per_s"] == 1
+    assert small["verdict"] == ssmae["verdict"] == "n/a on CPU"  # GPU targets are not judged on a CPU
+    assert ssmae["images_per_step"] > 32  # labeled + unlabeled images
+    assert "CPU figures" in out.stdout
+
+
+def test_verdict_against_targets_on_a_gpu():
+    wl = Workload("w", "supervised", "fast", target={"img_per_s": 3600, "mfu_pct": 40})
+    row = {"img_per_s": 3700.0, "mfu_pct": 41.0, "views_pct": 4.0}
+    assert verdict(row, wl, 10, on_gpu=True) == "met"
+    assert verdict({**row, "mfu_pct": 38.0}, wl, 10, on_gpu=True) == "MISSED: mfu_pct 38 < 40"
+    assert verdict({**row, "views_pct": 12.5}, wl, 10, on_gpu=True) == "MISSED: views 12.5% > 10%"
+    assert verdict(row, wl, 10, on_gpu=False) == "n/a on CPU"
+    assert verdict(row, Workload("w", "supervised", "fast"), None, on_gpu=True) == ""
+
+
+@pytest.mark.parametrize("text, words", [
+    ("workloads: []", "non-empty 'workloads'"),
+    ("workloads: [{method: fixmatc}]", "unknown method 'fixmatc'"),
+    ("workloads: [{method: supervised, target: {fps: 3}}]", "not ['fps']"),
+    ("workloads: [{method: supervised, set: {lr: -1}}]", "--lr: -1"),
+])
+def test_bad_suite_files_are_rejected(tmp_path, text, words):
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(text)
+    out = bench(["speed", "--suite", str(suite), "--results-dir", str(tmp_path / "r")], tmp_path / "c")
+    assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "r").exists()
