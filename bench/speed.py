@@ -197,8 +197,8 @@ def speed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     table = pd.DataFrame(rows)
     title = f"bench speed, {'suite' if args.suite else 'preset'} {suite.name}, {rows[0]['device']}" + ("" if on_gpu else " (CPU figures)")
     print("\n" + title)
-    shown = table.drop(columns=["device"]).dropna(axis=1, how="all")
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    shown = table.drop(columns=["device"]).replace("", float("nan")).dropna(axis=1, how="all")
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     out = Path(args.results_dir) / "speed"
     stem = f"speed-{suite.name}-{'cuda' if on_gpu else 'cpu'}"
     atomic_write_text(out / f"{stem}.csv", table.to_csv(index=False))

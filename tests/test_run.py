@@ -79,6 +79,33 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sig):
         assert ra[k] == rb[k], k
 
 
+def test_ssmae_resume_after_kill_restores_memory_and_gate_bitwise(tmp_path):
+    args = ["run", "ssmae", *SMOKE, "--steps", "100", "--ckpt-every", "10", "--eval-every", "20"]
+    cache = tmp_path / "cache"
+    full = bench([*args, "--results-dir", str(tmp_path / "a")], cache)
+    assert full.returncode == 0, full.stderr
+    (run_a,) = run_dirs(tmp_path / "a")
+
+    proc = start_bench([*args, "--results-dir", str(tmp_path / "b")], cache)
+    ckpt = tmp_path / "b" / "runs" / "1" / "checkpoint.pt"
+    wait_for(ckpt, proc)
+    while _checkpoint_model(ckpt.parent)["step"] < 50:  # past the gate's warm-up and first admissions
+        assert proc.poll() is None, "the run ended before it could be killed"
+    kill(proc)
+    killed = _checkpoint_model(ckpt.parent)
+    assert killed["step"] < 100
+    assert killed["method"]["gate"]["is_open"] and (killed["method"]["memory"]["labels"] >= 0).any()
+
+    resumed = bench([*args, "--results-dir", str(tmp_path / "b"), "--resume", "1"], cache)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _checkpoint_model(run_a), _checkpoint_model(ckpt.parent)
+    assert torch.equal(a["method"]["memory"]["labels"], b["method"]["memory"]["labels"])
+    assert a["method"]["gate"] == b["method"]["gate"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert curves(run_a) == curves(ckpt.parent)
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
     cache, results = tmp_path / "cache", tmp_path / "results"
     args = ["run", "supervised", *SMOKE, "--steps", "40", "--ckpt-every", "20", "--results-dir", str(results)]
