@@ -10,8 +10,8 @@ from bench.io import atomic_write
 
 
 class _Writer:
-    """A file for torch.save that keeps the OSError of a failed write: torch's zip writer turns
-    it into an opaque RuntimeError ("unexpected pos ..."), hiding a full disk."""
+    """A file for torch.save that keeps the exception of a failed write: torch's zip writer
+    turns it into an opaque RuntimeError ("unexpected pos ..."), hiding a full disk or a Ctrl-C."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -19,7 +19,7 @@ class _Writer:
     def write(self, data) -> int:
         try:
             return self.f.write(data)
-        except OSError as e:
+        except BaseException as e:  # also a second Ctrl-C landing inside the write
             self.error = e
             raise
 

@@ -144,7 +144,7 @@ def cmd_speed(argv: Sequence[str]) -> int:
     parser = Parser(prog="bench speed", description="steady-state images/s, step time, TFLOP/s, MFU, "
                     "peak memory and view share of each method's training step")
     parser.add_argument("--methods", nargs="+", default=None, help="methods to measure (default: all)")
-    parser.add_argument("--preset", default="smoke", help="preset to measure (default: smoke)")
+    parser.add_argument("--preset", default=None, help="preset to measure (default: smoke)")
     parser.add_argument("--suite", default=None, help="measure a suite of workloads with reference figures "
                         "and targets instead: 'targets' (the H100 target table) or a suite .yaml file")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"interrupted: {e or 'the last checkpoint is kept'}", file=sys.stderr)
+        print(f"interrupted: {str(e) or 'stopped before a run started; nothing to resume'}", file=sys.stderr)
         return 130
 
 

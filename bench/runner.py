@@ -59,32 +59,33 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
     """Run the method of `cfg` as one tracked run; returns (run id, result)."""
     method_cls = get_method(cfg["method"])
     pick_device(cfg["device"])
-    cache_dir = prepare_cache_dir(cfg["cache_dir"])
-    data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg),
-                        progress=cfg["progress"])
-    split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
-    with torch.device("meta"):  # a model the options cannot build is rejected before any write
-        build_model(cfg, data.num_classes, with_decoder=method_cls.uses_decoder)
+    # Cheap checks first, then the data (which may download and decode), then the model.
     resume_at = None
     if resume is not None:
         run_dir = find_run_dir(cfg["results_dir"], resume)
         resume_at = (run_dir.name, check_resumable(cfg, run_dir))
         cfg = {**cfg, "results_dir": str(run_dir.parent.parent)}
     observers = [mongo_observer(cfg["mongo"])] if cfg["mongo"] else []
+    cache_dir = prepare_cache_dir(cfg["cache_dir"])
+    data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg),
+                        progress=cfg["progress"])
+    split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
+    with torch.device("meta"):  # a model the options cannot build is rejected before any write
+        build_model(cfg, data.num_classes, with_decoder=method_cls.uses_decoder)
     prepare_runs_dir(cfg["results_dir"])
 
     def main(run: RunHandle) -> dict:
-        if os.environ.get("SSVIT_RUN_ID_FILE"):  # a study worker links its trial to this run
-            atomic_write_text(os.environ["SSVIT_RUN_ID_FILE"], run.id)
         if os.environ.get("SSVIT_TRIAL"):
             run.set_info("optuna", json.loads(os.environ["SSVIT_TRIAL"]))
-        atomic_write_text(run.dir / "split.json", split.to_json())
         run.set_info("split_hash", split.hash)
         run.set_info("dataset_hash", data.source_hash)
         run.set_info("checkpoint", str((run.dir / "checkpoint.pt").resolve()))
         log(f"run {run.id}: {cfg['method']} on {cfg['dataset']} -> {run.dir}")
         start = time.perf_counter()
         try:
+            if os.environ.get("SSVIT_RUN_ID_FILE"):  # a study worker links its trial to this run
+                atomic_write_text(os.environ["SSVIT_RUN_ID_FILE"], run.id)
+            atomic_write_text(run.dir / "split.json", split.to_json())
             weights, keep_head = train_stages(cfg, method_cls, data, split, run)
             trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
                               on_validation=on_validation)
@@ -116,7 +117,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
 def kept(run_dir: Path, run_id: str) -> str:
     """What a stopped run leaves behind, and how to continue it."""
     try:
-        step = int(checkpoint.load(run_dir / "checkpoint.pt")["step"])
+        step = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)["step"])
     except Exception:  # missing or unreadable: nothing to resume from
         return "finished stages are cached; start the run again to continue"
     return f"its checkpoint at step {step} is kept; continue with `--resume {run_id}`"

@@ -93,7 +93,7 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
     view_s = (time.perf_counter() - start) / steps
     images = trainer.n_labeled + trainer.n_unlabeled
     tflops = flops / step_s / 1e12
-    return {"method": method, "preset": preset or "default", "device": device_name(dev),
+    return {"method": method, "preset": preset or "default", "device": device_name(dev), "device_type": dev.type,
             "img_per_s": images / step_s, "images_per_step": images, "step_ms": 1000 * step_s,
             "tflop_per_step": flops / 1e12, "tflop_per_s": tflops,
             "mfu_pct": 100 * tflops / peak_tflops if dev.type == "cuda" else float("nan"),
@@ -145,7 +145,20 @@ def load_suite(name: str) -> Suite:
             raise UsageError(f"speed suite {path}: targets can be img_per_s and mfu_pct, not {sorted(bad)}")
         workloads.append(Workload(w.get("name", w["method"]), w["method"], w.get("preset"), dict(w.get("set") or {}),
                                   w.get("label", ""), dict(w.get("reference") or {}), dict(w.get("target") or {})))
+    for key in ("peak_tflops", "views_pct_max"):
+        _check_number(spec.get(key), f"speed suite {path}: {key}", optional=True)
+    for w in workloads:
+        for where in ("reference", "target"):
+            for k in ("img_per_s", "mfu_pct"):
+                _check_number(getattr(w, where).get(k), f"speed suite {path}: {w.name} {where} {k}", optional=True)
     return Suite(spec.get("name", path.stem), workloads, spec.get("peak_tflops"), spec.get("views_pct_max"))
+
+
+def _check_number(value: Any, what: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UsageError(f"{what} must be a number > 0, not {value!r}; fix the file")
 
 
 def verdict(row: dict[str, Any], wl: Workload, views_pct_max: float | None, on_gpu: bool) -> str:
@@ -170,34 +183,34 @@ def speed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.steps < 1 or args.warmup < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
         raise UsageError("--steps must be >= 1, --warmup >= 0 and --peak-tflops > 0")
     if args.suite:
-        if args.methods:
-            raise UsageError("--methods and --suite are exclusive: a suite names its own workloads")
+        if args.methods or args.preset:
+            raise UsageError("--suite names its own methods and presets; drop --methods / --preset")
         suite = load_suite(args.suite)
     else:
-        names = args.methods or method_names()
+        names, preset = args.methods or method_names(), args.preset or "smoke"
         for m in names:
             get_method(m)
-        suite = Suite(args.preset, [Workload(m, m, args.preset) for m in names])
+        suite = Suite(Path(preset).stem, [Workload(m, m, preset) for m in names])
     peak = args.peak_tflops or suite.peak_tflops or 989.0
     if args.compile is not None:
         overrides = {**overrides, "compile": args.compile}
     for wl in suite.workloads:  # every config is valid before the first measurement
         resolve(get_method(wl.method), preset=wl.preset, cli={**wl.overrides, **overrides})
-    on_gpu = torch.cuda.is_available()
     rows = []
     for wl in suite.workloads:
         with tempfile.TemporaryDirectory() as tmp:
             row = measure(wl.method, wl.preset, args.steps, args.warmup, {**wl.overrides, **overrides}, peak, Path(tmp))
         row = {"workload": wl.name, **row, "reference_img_per_s": wl.reference.get("img_per_s", float("nan")),
                "target_img_per_s": wl.target.get("img_per_s", float("nan")),
-               "verdict": verdict(row, wl, suite.views_pct_max, on_gpu)}
+               "verdict": verdict(row, wl, suite.views_pct_max, row["device_type"] == "cuda")}
         rows.append(row)
         print(f"{wl.name:24s} {row['img_per_s']:10.0f} img/s  {row['step_ms']:8.1f} ms/step  "
               f"{row['tflop_per_s']:7.2f} TFLOP/s  views {row['views_pct']:4.1f}%  {row['verdict']}", flush=True)
     table = pd.DataFrame(rows)
+    on_gpu = any(r["device_type"] == "cuda" for r in rows)  # the device the steps ran on
     title = f"bench speed, {'suite' if args.suite else 'preset'} {suite.name}, {rows[0]['device']}" + ("" if on_gpu else " (CPU figures)")
     print("\n" + title)
-    shown = table.drop(columns=["device"]).replace("", float("nan")).dropna(axis=1, how="all")
+    shown = table.drop(columns=["device", "device_type"]).replace("", float("nan")).dropna(axis=1, how="all")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     out = Path(args.results_dir) / "speed"
     stem = f"speed-{suite.name}-{'cuda' if on_gpu else 'cpu'}"

@@ -151,6 +151,7 @@ class Sweep:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._procs: set[subprocess.Popen] = set()
+        self._sigints = 0
         self.failed: list[str] = []
 
     def run(self) -> dict[str, int]:
@@ -161,25 +162,22 @@ class Sweep:
         gpus = _visible_gpus()
         threads = [threading.Thread(target=self._worker, args=(gpus[i % len(gpus)] if gpus else None,),
                                     daemon=True) for i in range(self.workers)]
-        for t in threads:
-            t.start()
         bar = tqdm(total=len(self.cells), initial=done, desc=self.spec.name, unit="cell", disable=not self.progress)
-        # Ctrl-C only sets a flag: a KeyboardInterrupt raised inside a storage call could leave
-        # the journal's lock behind.
-        interrupt = threading.Event()
-        previous = signal.signal(signal.SIGINT, lambda *_: interrupt.set())
+        # Ctrl-C only counts presses: a KeyboardInterrupt raised inside a storage call could leave
+        # the journal's lock behind, and a signal handler must not take locks.
+        previous = signal.signal(signal.SIGINT, self._count_sigint)
         try:
-            while any(t.is_alive() for t in threads) and not interrupt.wait(2.0):
-                now_done = sum(read_board(self.study, self.grace).done(c.key) for c in self.cells)
-                if now_done != bar.n:
+            for t in threads:
+                t.start()
+            polled = 0.0
+            while any(t.is_alive() for t in threads) and not self._sigints:
+                time.sleep(0.2)
+                if time.monotonic() - polled >= 2.0:
+                    polled = time.monotonic()
+                    now_done = sum(read_board(self.study, self.grace).done(c.key) for c in self.cells)
                     bar.update(now_done - bar.n)
-            if interrupt.is_set():
-                with self._lock:
-                    self._stop.set()
-                    for proc in self._procs:  # each run checkpoints on SIGINT and exits
-                        _signal(proc, signal.SIGINT)
-                for t in threads:
-                    t.join()
+            if self._sigints:
+                self._stop_runs(threads)
                 raise KeyboardInterrupt
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -187,6 +185,22 @@ class Sweep:
         board = read_board(self.study, self.grace)
         return {"cells": len(self.cells), "done": sum(board.done(c.key) for c in self.cells),
                 "failed": len(self.failed)}
+
+    def _count_sigint(self, signum, frame) -> None:
+        self._sigints += 1
+
+    def _stop_runs(self, threads: list[threading.Thread]) -> None:
+        """No new trial starts; every running one gets SIGINT (it checkpoints at the next step
+        and exits), and again on each further Ctrl-C (it then stops at once)."""
+        forwarded = 0
+        while any(t.is_alive() for t in threads):
+            if forwarded < self._sigints:
+                forwarded = self._sigints
+                with self._lock:
+                    self._stop.set()
+                    for proc in self._procs:
+                        _signal(proc, signal.SIGINT)
+            time.sleep(0.1)
 
     # -- one worker --------------------------------------------------------------------------
     def _worker(self, gpu: str | None) -> None:
@@ -252,14 +266,18 @@ class Sweep:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             elif self.workers > 1:  # CPU runs share the cores instead of oversubscribing them
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                    preexec_fn=_die_with_parent, start_new_session=True)
-            with self._lock:  # a Ctrl-C that raced this start reaches the new run too
-                self._procs.add(proc)
-                if self._stop.is_set():
-                    _signal(proc, signal.SIGINT)
+            with self._lock:  # started under the lock: after a Ctrl-C no new run starts
+                proc = None if self._stop.is_set() else subprocess.Popen(
+                    cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                    preexec_fn=_die_with_parent, start_new_session=True)
+                if proc is not None:
+                    self._procs.add(proc)
+            if proc is None:
+                self._finish(trial, TrialState.FAIL, reason="interrupted (Ctrl-C) before it started")
+                return
             stderr = self._wait(proc, trial, id_file)
-            self._procs.discard(proc)
+            with self._lock:
+                self._procs.discard(proc)
             run_id = id_file.read_text().strip() if id_file.exists() else None
         if run_id:
             trial.set_user_attr("run_id", run_id)
@@ -271,12 +289,13 @@ class Sweep:
                     trial.set_user_attr(k, result[k])
             self._finish(trial, TrialState.COMPLETE, value=result.get("selected_val_acc", 0.0))
             return
+        interrupted = proc.returncode in (130, -signal.SIGINT)  # -SIGINT: stopped while starting up
         reason = _last_line(stderr) or f"exit code {proc.returncode}"
-        if proc.returncode == 130:
+        if interrupted:
             reason = "interrupted (Ctrl-C); rerun the study to resume it"
         self._finish(trial, TrialState.FAIL, reason=reason)
         self.failed.append(cell.key)
-        if proc.returncode != 130:
+        if not interrupted:
             self.log(f"cell {cell.key} FAILED: {reason}")
 
     def _wait(self, proc: subprocess.Popen, trial: optuna.Trial, id_file: Path) -> str:

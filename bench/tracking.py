@@ -35,7 +35,8 @@ class RunStore(FileStorageObserver):
     """FileStorageObserver with atomic JSON writes and in-place resume of an existing run."""
 
     def __init__(self, basedir: str | Path, resume_step: int | None = None):
-        super().__init__(str(basedir), copy_sources=False)
+        # The highest priority: the file store, not MongoDB, assigns run ids.
+        super().__init__(str(basedir), copy_sources=False, priority=100)
         self.resume_step = resume_step
         self.write_error: OSError | None = None
 
@@ -90,10 +91,10 @@ class RunStore(FileStorageObserver):
 class RunHandle:
     """What the training code sees of the tracked run."""
 
-    def __init__(self, sacred_run):
-        self._run = sacred_run
+    def __init__(self, sacred_run, store: RunStore):
+        self._run, self._store = sacred_run, store
         self.id = str(sacred_run._id)
-        self.dir = Path(sacred_run.observers[0].dir)
+        self.dir = Path(store.dir)
         # Sacred's timer thread would write metrics.json concurrently with our flushes (lost
         # updates); we flush ourselves, before every checkpoint, so a kill never loses the curve
         # points a resume will not log again.
@@ -102,11 +103,10 @@ class RunHandle:
     def flush(self) -> None:
         """Write the metrics, info and captured output logged so far to the store; raises the
         OSError of a write that failed."""
-        store = self._run.observers[0]
-        store.write_error = None
+        self._store.write_error = None
         self._run._emit_heartbeat()
-        if store.write_error is not None:
-            raise store.write_error
+        if self._store.write_error is not None:
+            raise self._store.write_error
 
     def log_scalar(self, name: str, value: float, step: int) -> None:
         self._run.log_scalar(name, value, step)
@@ -120,13 +120,23 @@ def runs_dir(results_dir: str | Path) -> Path:
 
 
 def prepare_runs_dir(results_dir: str | Path) -> Path:
+    """`<results_dir>/runs`, created and checked writable; UsageError (and nothing left behind)
+    when it is not."""
     path = runs_dir(results_dir)
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        try:
+            probe.write_bytes(bytes(4096))  # a few bytes, not an empty file: a full disk fails here
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
+        for p in created:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                pass
         raise UsageError(f"results directory {path} is not writable ({e.strerror}); "
                          f"pass --results-dir to a writable place") from None
     return path
@@ -155,17 +165,18 @@ def tracked_run(cfg: dict[str, Any], main: Callable[[RunHandle], dict], *, resum
     ex.add_config(dict(cfg))
     store = RunStore(runs_dir(cfg["results_dir"]), resume_step=resume[1] if resume else None)
     ex.observers.extend([store, *(observers or [])])
-    handle: dict[str, RunHandle] = {}
-
     @ex.main
     def _main(_run):
-        handle["run"] = RunHandle(_run)
-        return main(handle["run"])
+        return main(RunHandle(_run, store))
 
     options = {"--loglevel": "WARNING"}
     if resume:
         options["--id"] = resume[0]
-    run = ex.run(options=options, info=dict(info or {}))
+    try:
+        run = ex.run(options=options, info=dict(info or {}))
+    except OSError as e:  # the store could not even record the run's start (full disk, read-only)
+        raise RunStopped(f"cannot write the run record under {store.basedir} ({e.strerror or e}); "
+                         f"free space or fix permissions, then run again") from None
     for observer in run._failed_observers:  # e.g. MongoDB went away mid-run; Sacred dropped it
         print(f"warning: the {type(observer).__name__} stopped recording during run {run._id}; "
               f"the run is complete in {store.dir}", file=sys.stderr)

@@ -56,6 +56,8 @@ def test_verdict_against_targets_on_a_gpu():
     ("workloads: [{method: fixmatc}]", "unknown method 'fixmatc'"),
     ("workloads: [{method: supervised, target: {fps: 3}}]", "not ['fps']"),
     ("workloads: [{method: supervised, set: {lr: -1}}]", "--lr: -1"),
+    ("workloads: [{method: supervised, target: {img_per_s: '2000'}}]", "target img_per_s must be a number > 0"),
+    ("peak_tflops: 0\nworkloads: [{method: supervised}]", "peak_tflops must be a number > 0"),
 ])
 def test_bad_suite_files_are_rejected(tmp_path, text, words):
     suite = tmp_path / "bad.yaml"
@@ -63,3 +65,8 @@ def test_bad_suite_files_are_rejected(tmp_path, text, words):
     out = bench(["speed", "--suite", str(suite), "--results-dir", str(tmp_path / "r")], tmp_path / "c")
     assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_suite_and_preset_are_exclusive(tmp_path):
+    out = bench(["speed", "--suite", "targets", "--preset", "fast"], tmp_path / "c")
+    assert out.returncode == 2 and "drop --methods / --preset" in out.stderr
