@@ -149,6 +149,8 @@ def cmd_speed(argv: Sequence[str]) -> int:
                         "and targets instead: 'targets' (the H100 target table) or a suite .yaml file")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N steps per workload "
+                        "with torch.profiler and write the top operators / kernels (default 0: off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: the preset's)")
     parser.add_argument("--peak-tflops", type=float, default=None,

@@ -57,7 +57,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(method: str, preset: str | None, steps: int, warmup: int, overrides: dict[str, Any],
-            peak_tflops: float, tmp: Path) -> dict[str, Any]:
+            peak_tflops: float, tmp: Path, profile_steps: int = 0) -> tuple[dict[str, Any], str | None]:
+    """One workload's row; with `profile_steps`, also torch.profiler's table of the operators
+    and kernels that take the most time over that many steps."""
     cls = get_method(method)
     cfg = resolve(cls, preset=preset, cli={**overrides, "progress": False})
     data = make_synthetic(classes=10, size=32, train_per_class=max(64, cfg["batch_size"] * 2), test_per_class=4)
@@ -77,6 +79,7 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
         trainer.train_step()
     _sync(dev)
     step_s = (time.perf_counter() - start) / steps
+    profile = _profile(trainer, profile_steps) if profile_steps else None
     # One eager step, forward + backward: compiled kernels would hide their FLOPs from the counter.
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         trainer.train_step()
@@ -98,7 +101,22 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
             "tflop_per_step": flops / 1e12, "tflop_per_s": tflops,
             "mfu_pct": 100 * tflops / peak_tflops if dev.type == "cuda" else float("nan"),
             "peak_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan"),
-            "views_pct": 100 * view_s / step_s, "compile": cfg["compile"], "amp": "bf16" if trainer.use_bf16 else "fp32"}
+            "views_pct": 100 * view_s / step_s, "compile": cfg["compile"],
+            "amp": "bf16" if trainer.use_bf16 else "fp32"}, profile
+
+
+def _profile(trainer: Trainer, steps: int) -> str:
+    """The top operators and kernels by self time (device time on a GPU) over `steps` steps."""
+    on_gpu = trainer.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        _sync(trainer.device)
+    sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    return f"{steps} training steps, sorted by {sort}\n" + prof.key_averages().table(sort_by=sort, row_limit=30)
 
 
 SUITE_DIR = Path(__file__).parent / "speed_suites"
@@ -180,8 +198,8 @@ def device_name(dev: torch.device) -> str:
 
 
 def speed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    if args.steps < 1 or args.warmup < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
-        raise UsageError("--steps must be >= 1, --warmup >= 0 and --peak-tflops > 0")
+    if args.steps < 1 or args.warmup < 0 or args.profile < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
+        raise UsageError("--steps must be >= 1, --warmup >= 0, --profile >= 0 and --peak-tflops > 0")
     if args.suite:
         if args.methods or args.preset:
             raise UsageError("--suite names its own methods and presets; drop --methods / --preset")
@@ -196,10 +214,16 @@ def speed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         overrides = {**overrides, "compile": args.compile}
     for wl in suite.workloads:  # every config is valid before the first measurement
         resolve(get_method(wl.method), preset=wl.preset, cli={**wl.overrides, **overrides})
+    out = Path(args.results_dir) / "speed"
     rows = []
     for wl in suite.workloads:
         with tempfile.TemporaryDirectory() as tmp:
-            row = measure(wl.method, wl.preset, args.steps, args.warmup, {**wl.overrides, **overrides}, peak, Path(tmp))
+            row, profile = measure(wl.method, wl.preset, args.steps, args.warmup, {**wl.overrides, **overrides},
+                                   peak, Path(tmp), profile_steps=args.profile)
+        if profile is not None:
+            where = out / f"profile-{suite.name}-{wl.name}-{row['device_type']}.txt"
+            atomic_write_text(where, profile)
+            print(f"profile of {wl.name} written to {where}")
         row = {"workload": wl.name, **row, "reference_img_per_s": wl.reference.get("img_per_s", float("nan")),
                "target_img_per_s": wl.target.get("img_per_s", float("nan")),
                "verdict": verdict(row, wl, suite.views_pct_max, row["device_type"] == "cuda")}
@@ -212,7 +236,6 @@ def speed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print("\n" + title)
     shown = table.drop(columns=["device", "device_type"]).replace("", float("nan")).dropna(axis=1, how="all")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    out = Path(args.results_dir) / "speed"
     stem = f"speed-{suite.name}-{'cuda' if on_gpu else 'cpu'}"
     atomic_write_text(out / f"{stem}.csv", table.to_csv(index=False))
     atomic_write_text(out / f"{stem}.json", json.dumps({"title": title, "peak_tflops": peak,

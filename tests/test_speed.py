@@ -1,5 +1,5 @@
 """`bench speed`: per-method throughput on CPU, suites with reference figures and targets,
-and the verdict against a target."""
+operator profiles, and the verdict against a target."""
 import json
 
 import pytest
@@ -29,8 +29,8 @@ workloads:
      reference: {img_per_s: 10, source: a paper}, target: {img_per_s: 1}}
   - {name: ssmae-smoke, method: ssmae, preset: smoke}
 """)
-    out = bench(["speed", "--suite", str(suite), "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path)],
-                tmp_path / "c", timeout=600)
+    out = bench(["speed", "--suite", str(suite), "--steps", "2", "--warmup", "1", "--profile", "1",
+                 "--results-dir", str(tmp_path)], tmp_path / "c", timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     saved = json.loads((tmp_path / "speed" / "speed-mini-cpu.json").read_text())
     small, ssmae = saved["rows"]
@@ -39,6 +39,9 @@ workloads:
     assert small["verdict"] == ssmae["verdict"] == "n/a on CPU"  # GPU targets are not judged on a CPU
     assert ssmae["images_per_step"] > 32  # labeled + unlabeled images
     assert "CPU figures" in out.stdout
+    for name in ("small-batch", "ssmae-smoke"):  # where the step's time goes, by operator
+        profile = (tmp_path / "speed" / f"profile-mini-{name}-cpu.txt").read_text()
+        assert "self_cpu_time_total" in profile and "aten::addmm" in profile
 
 
 def test_verdict_against_targets_on_a_gpu():
