@@ -52,6 +52,11 @@ def completed_runs(results):
     return [r for r in run_dirs(results) if load_json(r / "run.json").get("status") == "COMPLETED"]
 
 
+def running_with_checkpoint(results):
+    return [r for r in run_dirs(results) if (r / "checkpoint.pt").exists()
+            and (r / "run.json").exists() and load_json(r / "run.json").get("status") == "RUNNING"]
+
+
 def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     study, results = write_study(tmp_path), tmp_path / "results"
     args = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)]
@@ -112,13 +117,15 @@ def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path):
 
 def test_killed_study_resumes_only_missing_cells(tmp_path):
     study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
-    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=60",
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=400",
             "--results-dir", str(results), "--heartbeat", "0.5"]
     proc = start_bench(args, tmp_path / "cache")
     deadline = time.time() + 300
-    while len(completed_runs(results)) < 1 or not (results / "runs" / "2" / "checkpoint.pt").exists():
+    while len(completed_runs(results)) < 1 or not running_with_checkpoint(results):
         assert time.time() < deadline and proc.poll() is None, "the study did not get going"
         time.sleep(0.2)
+    time.sleep(1.0)  # the worker links its trial to the run on its next heartbeat
+    (victim,) = running_with_checkpoint(results)
     kill(proc, signal.SIGKILL)  # the worker and (with it) its running trial die
     before = {r.name for r in completed_runs(results)}
     time.sleep(2.5)  # past the heartbeat grace: the dead trial is stale
@@ -130,8 +137,8 @@ def test_killed_study_resumes_only_missing_cells(tmp_path):
     assert len(after) == 4 and before <= {r.name for r in after}  # finished cells were not rerun
     lost = [t for t in ts if t.state == TrialState.FAIL]
     assert lost and all("worker lost" in t.user_attrs["reason"] for t in lost)
-    resumed = [r for r in after if "resumed_from_step" in load_json(r / "info.json")]
-    assert resumed, "the interrupted cell continued from its checkpoint"
+    assert victim in after and "resumed_from_step" in load_json(victim / "info.json"), \
+        "the interrupted cell continued from its checkpoint, in its own run directory"
 
 
 def test_ctrl_c_stops_a_study_cleanly_and_a_rerun_resumes_it(tmp_path):
