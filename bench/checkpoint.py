@@ -47,6 +47,11 @@ def load(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def saved_step(path: str | Path) -> int:
+    """The step a checkpoint was taken at; memory-mapped, so its tensors are not read."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"])
+
+
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():

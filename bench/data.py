@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.errors import UsageError
-from bench.io import atomic_write
+from bench.io import atomic_write, ensure_writable_dir
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -75,9 +74,7 @@ def prepare_cache_dir(cache_dir: str | Path | None) -> Path:
     """The cache directory (given, else the default), created and checked writable."""
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test"):
-            pass
+        ensure_writable_dir(path)
     except OSError as e:
         raise UsageError(f"cache directory {path} is not writable ({e.strerror}); pass --cache-dir "
                          f"or set $SSVIT_CACHE to a writable place") from None

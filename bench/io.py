@@ -28,6 +28,27 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def ensure_writable_dir(path: str | Path) -> None:
+    """Create `path` and prove it takes a small write; on OSError, remove the directories this
+    call created (nothing is left behind) and re-raise."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        try:
+            probe.write_bytes(bytes(4096))  # a few bytes, not an empty file: a full disk fails here
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError:
+        for p in created:
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 

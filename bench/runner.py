@@ -51,7 +51,7 @@ def check_resumable(cfg: dict[str, Any], run_dir: Path) -> int:
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.is_file():
         raise UsageError(f"run {run_dir.name} has no checkpoint to resume from; start it anew")
-    return int(checkpoint.load(ckpt)["step"])
+    return checkpoint.saved_step(ckpt)
 
 
 def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_validation=None,
@@ -117,7 +117,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
 def kept(run_dir: Path, run_id: str) -> str:
     """What a stopped run leaves behind, and how to continue it."""
     try:
-        step = int(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False, mmap=True)["step"])
+        step = checkpoint.saved_step(run_dir / "checkpoint.pt")
     except Exception:  # missing or unreadable: nothing to resume from
         return "finished stages are cached; start the run again to continue"
     return f"its checkpoint at step {step} is kept; continue with `--resume {run_id}`"

@@ -164,16 +164,17 @@ def load_suite(name: str) -> Suite:
         workloads.append(Workload(w.get("name", w["method"]), w["method"], w.get("preset"), dict(w.get("set") or {}),
                                   w.get("label", ""), dict(w.get("reference") or {}), dict(w.get("target") or {})))
     for key in ("peak_tflops", "views_pct_max"):
-        _check_number(spec.get(key), f"speed suite {path}: {key}", optional=True)
+        _check_number(spec.get(key), f"speed suite {path}: {key}")
     for w in workloads:
         for where in ("reference", "target"):
             for k in ("img_per_s", "mfu_pct"):
-                _check_number(getattr(w, where).get(k), f"speed suite {path}: {w.name} {where} {k}", optional=True)
+                _check_number(getattr(w, where).get(k), f"speed suite {path}: {w.name} {where} {k}")
     return Suite(spec.get("name", path.stem), workloads, spec.get("peak_tflops"), spec.get("views_pct_max"))
 
 
-def _check_number(value: Any, what: str, optional: bool = False) -> None:
-    if value is None and optional:
+def _check_number(value: Any, what: str) -> None:
+    """A suite's numbers are optional; when given they must be positive numbers."""
+    if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise UsageError(f"{what} must be a number > 0, not {value!r}; fix the file")

@@ -212,9 +212,6 @@ class Sweep:
                 time.sleep(min(self.heartbeat, 2.0) * (0.5 + random.random()))
                 continue
             cell, trial = claimed
-            if self._stop.is_set():  # Ctrl-C came while claiming: give the cell back
-                self._finish(trial, TrialState.FAIL, reason="interrupted (Ctrl-C) before it started")
-                return
             self._run_trial(cell, trial, gpu)
 
     def _claim(self):

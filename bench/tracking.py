@@ -22,7 +22,7 @@ from sacred.observers import FileStorageObserver
 from sacred.utils import apply_backspaces_and_linefeeds
 
 from bench.errors import RunStopped, UsageError
-from bench.io import atomic_write_text
+from bench.io import atomic_write_text, ensure_writable_dir
 
 SETTINGS.DISCOVER_SOURCES = "none"      # the package version is recorded; sources stay in git
 SETTINGS.CAPTURE_MODE = "sys"           # "fd" would record every progress-bar refresh
@@ -123,20 +123,9 @@ def prepare_runs_dir(results_dir: str | Path) -> Path:
     """`<results_dir>/runs`, created and checked writable; UsageError (and nothing left behind)
     when it is not."""
     path = runs_dir(results_dir)
-    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        try:
-            probe.write_bytes(bytes(4096))  # a few bytes, not an empty file: a full disk fails here
-        finally:
-            probe.unlink(missing_ok=True)
+        ensure_writable_dir(path)
     except OSError as e:
-        for p in created:  # deepest first
-            try:
-                p.rmdir()
-            except OSError:
-                pass
         raise UsageError(f"results directory {path} is not writable ({e.strerror}); "
                          f"pass --results-dir to a writable place") from None
     return path

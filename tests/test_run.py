@@ -1,5 +1,6 @@
 """End-to-end `bench run`: Sacred store contents, resume equivalence, CLI errors."""
 import signal
+import time
 
 import pytest
 import torch
@@ -42,16 +43,23 @@ def _checkpoint_model(run):
     return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
 
 
+def uninterrupted_then_started(args, tmp_path):
+    """Run `args` to the end under a/, then start the same run under b/ and wait for its first
+    checkpoint; returns (a's run dir, the running process, b's run dir)."""
+    full = bench([*args, "--results-dir", str(tmp_path / "a")], tmp_path / "cache")
+    assert full.returncode == 0, full.stderr
+    (run_a,) = run_dirs(tmp_path / "a")
+    proc = start_bench([*args, "--results-dir", str(tmp_path / "b")], tmp_path / "cache")
+    run_b = tmp_path / "b" / "runs" / "1"
+    wait_for(run_b / "checkpoint.pt", proc)
+    return run_a, proc, run_b
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sig):
     args = ["run", "supervised", *SMOKE, "--steps", "120", "--ckpt-every", "20", "--eval-every", "20"]
     cache = tmp_path / "cache"
-    full = bench([*args, "--results-dir", str(tmp_path / "a")], cache)
-    assert full.returncode == 0, full.stderr
-    (run_a,) = run_dirs(tmp_path / "a")
-
-    proc = start_bench([*args, "--results-dir", str(tmp_path / "b")], cache)
-    wait_for(tmp_path / "b" / "runs" / "1" / "checkpoint.pt", proc)
+    run_a, proc, _ = uninterrupted_then_started(args, tmp_path)
     kill(proc, sig)
     assert proc.returncode != 0
     (run_b,) = run_dirs(tmp_path / "b")
@@ -81,29 +89,23 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, sig):
 
 def test_ssmae_resume_after_kill_restores_memory_and_gate_bitwise(tmp_path):
     args = ["run", "ssmae", *SMOKE, "--steps", "100", "--ckpt-every", "10", "--eval-every", "20"]
-    cache = tmp_path / "cache"
-    full = bench([*args, "--results-dir", str(tmp_path / "a")], cache)
-    assert full.returncode == 0, full.stderr
-    (run_a,) = run_dirs(tmp_path / "a")
-
-    proc = start_bench([*args, "--results-dir", str(tmp_path / "b")], cache)
-    ckpt = tmp_path / "b" / "runs" / "1" / "checkpoint.pt"
-    wait_for(ckpt, proc)
-    while _checkpoint_model(ckpt.parent)["step"] < 50:  # past the gate's warm-up and first admissions
+    run_a, proc, run_b = uninterrupted_then_started(args, tmp_path)
+    while _checkpoint_model(run_b)["step"] < 50:  # past the gate's warm-up and first admissions
         assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
     kill(proc)
-    killed = _checkpoint_model(ckpt.parent)
+    killed = _checkpoint_model(run_b)
     assert killed["step"] < 100
     assert killed["method"]["gate"]["is_open"] and (killed["method"]["memory"]["labels"] >= 0).any()
 
-    resumed = bench([*args, "--results-dir", str(tmp_path / "b"), "--resume", "1"], cache)
+    resumed = bench([*args, "--results-dir", str(tmp_path / "b"), "--resume", "1"], tmp_path / "cache")
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _checkpoint_model(run_a), _checkpoint_model(ckpt.parent)
+    a, b = _checkpoint_model(run_a), _checkpoint_model(run_b)
     assert torch.equal(a["method"]["memory"]["labels"], b["method"]["memory"]["labels"])
     assert a["method"]["gate"] == b["method"]["gate"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert curves(run_a) == curves(ckpt.parent)
+    assert curves(run_a) == curves(run_b)
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):

@@ -52,6 +52,16 @@ def completed_runs(results):
     return [r for r in run_dirs(results) if load_json(r / "run.json").get("status") == "COMPLETED"]
 
 
+def start_study_until(args, tmp_path, ready, timeout=300):
+    """Start `bench study args` and return its process once `ready()` holds."""
+    proc = start_bench(args, tmp_path / "cache")
+    deadline = time.time() + timeout
+    while not ready():
+        assert time.time() < deadline and proc.poll() is None, "the study did not get going"
+        time.sleep(0.1)
+    return proc
+
+
 def running_with_checkpoint(results):
     return [r for r in run_dirs(results) if (r / "checkpoint.pt").exists()
             and (r / "run.json").exists() and load_json(r / "run.json").get("status") == "RUNNING"]
@@ -119,11 +129,7 @@ def test_killed_study_resumes_only_missing_cells(tmp_path):
     study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
     args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=400",
             "--results-dir", str(results), "--heartbeat", "0.5"]
-    proc = start_bench(args, tmp_path / "cache")
-    deadline = time.time() + 300
-    while len(completed_runs(results)) < 1 or not running_with_checkpoint(results):
-        assert time.time() < deadline and proc.poll() is None, "the study did not get going"
-        time.sleep(0.2)
+    proc = start_study_until(args, tmp_path, lambda: completed_runs(results) and running_with_checkpoint(results))
     time.sleep(1.0)  # the worker links its trial to the run on its next heartbeat
     (victim,) = running_with_checkpoint(results)
     kill(proc, signal.SIGKILL)  # the worker and (with it) its running trial die
@@ -145,11 +151,7 @@ def test_ctrl_c_stops_a_study_cleanly_and_a_rerun_resumes_it(tmp_path):
     study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
     args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=1000",
             "--results-dir", str(results), "--heartbeat", "0.5"]
-    proc = start_bench(args, tmp_path / "cache")
-    deadline = time.time() + 300
-    while not (results / "runs" / "1" / "checkpoint.pt").exists():
-        assert time.time() < deadline and proc.poll() is None, "the study did not get going"
-        time.sleep(0.1)
+    proc = start_study_until(args, tmp_path, lambda: (results / "runs" / "1" / "checkpoint.pt").exists())
     kill(proc, signal.SIGINT)  # what Ctrl-C sends to the study's foreground process
     stderr = [line for line in proc.stderr.read().splitlines() if line.strip()]
     assert proc.returncode == 130
