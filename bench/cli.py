@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from bench.errors import NonFiniteLoss, RunStopped, UsageError
@@ -19,12 +20,16 @@ def option_flags(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser, options: dict) -> None:
-    """One flag per option, grouped; values stay strings here and are typed by the config layer."""
+def add_options(parser: argparse.ArgumentParser, options: dict, shown: dict[str, Any],
+                sources: dict[str, str]) -> None:
+    """One flag per option, grouped; values stay strings here and are typed by the config layer.
+    The help shows the value the run would get (`shown`) and where it comes from."""
     groups: dict[str, Any] = {}
     for key, opt in options.items():
         group = groups.setdefault(opt.group, parser.add_argument_group(f"{opt.group} options"))
-        default = f" (default: {opt.default})"
+        origin = sources.get(key, "default")
+        value = shown.get(key, opt.default)
+        default = "" if value is None else f" (default: {value}{'' if origin == 'default' else ', ' + origin})"
         if opt.kind is bool:
             group.add_argument(option_flags(key), dest=key, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=opt.help + default)
@@ -42,23 +47,58 @@ def cmd_run(argv: Sequence[str]) -> int:
               f"`bench run METHOD --help` lists every option of that method.")
         return 0 if argv else 2
     method_cls = get_method(argv[0])
-    parser = Parser(prog=f"bench run {method_cls.name}", description=method_cls.description or None)
-    parser.add_argument("--preset", default=None, help="smoke, fast, paper, or a preset .yaml file")
+    from bench.config import preset_names, render
+    parser = Parser(prog=f"bench run {method_cls.name}", description=method_cls.description or None,
+                    epilog="Defaults shown are those of the chosen --preset (give it before --help to see them); "
+                           "the resolved config is saved with the run (config.json).")
+    parser.add_argument("--preset", default=None, help=f"{', '.join(preset_names())}, or a preset .yaml file "
+                        f"(default: none, the built-in defaults)")
     parser.add_argument("--resume", default=None, metavar="RUN",
                         help="continue an interrupted run (its id under <results-dir>/runs, or its path)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (defaults < "
+                        "preset < study < flags, each value with its source) and exit without running")
     add_set_argument(parser)
     parser.add_argument("--study-layer", default=None, help=argparse.SUPPRESS)  # set by `bench study`
-    add_options(parser, all_options(method_cls))
+    shown, sources = {}, {}
+    try:  # the help shows the values of the preset named on the command line
+        shown = resolve(method_cls, preset=_peek(argv, "--preset"), sources=sources)
+    except UsageError:
+        pass  # a bad preset is reported by the real parse below
+    add_options(parser, all_options(method_cls), shown, sources)
     args = vars(parser.parse_args(argv[1:]))
-    preset, resume = args.pop("preset"), args.pop("resume")
+    preset, resume, print_config = args.pop("preset"), args.pop("resume"), args.pop("print_config")
     study = parse_json(args.pop("study_layer"))
-    cfg = resolve(method_cls, preset=preset, study=study, cli={**parse_sets(args.pop("set")), **args})
+    sources = {}
+    cfg = resolve(method_cls, preset=preset, study=study, cli={**parse_sets(args.pop("set")), **args},
+                  sources=sources)
+    if print_config:
+        print(render(cfg, sources), end="")
+        return 0
 
     from bench.runner import execute
     run_id, result = execute(cfg, resume=resume)
     print(f"run {run_id} COMPLETED: test acc {result['test_acc']:.2f} (EMA {result['test_acc_ema']:.2f}, "
           f"selected on validation {result['test_acc_selected']:.2f}) in {result['minutes']:.1f} min")
     return 0
+
+
+def _peek(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` in raw argv (`--flag V` or `--flag=V`), before parsing."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (inf and nan are rejected)."""
+    import math
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -91,12 +131,15 @@ def cmd_study(argv: Sequence[str]) -> int:
                     "one Sacred run each, then write its report")
     parser.add_argument("study", help=f"one of {', '.join(study_names())}, or a study .yaml file")
     add_study_arguments(parser)
-    parser.add_argument("--data", default=None, help="dataset archive or folder (see `bench run --help`)")
+    parser.add_argument("--data", default=None, help="dataset archive or folder, as `bench run --data` "
+                        "(default: CIFAR is downloaded, synthetic generated)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's)")
-    parser.add_argument("--workers", type=int, default=1, help="trials at once on this machine")
-    parser.add_argument("--heartbeat", type=float, default=30.0, help="seconds between trial heartbeats; "
+    parser.add_argument("--workers", type=int, default=1, help="cells run at once on this machine, one "
+                        "`bench run` process each (default 1)")
+    parser.add_argument("--heartbeat", type=finite_float, default=30.0, help="seconds between trial heartbeats; "
                         "a trial silent for 4 heartbeats is retried")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show a bar over cells and the step, accuracy and ETA of running cells")
     add_set_argument(parser)
     args = parser.parse_args(argv)
     from bench.study_cli import run_study
@@ -105,16 +148,21 @@ def cmd_study(argv: Sequence[str]) -> int:
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset (default: the study's datasets)")
-    parser.add_argument("--preset", default=None, help="smoke, fast, paper or a preset file (default: the study's)")
+    parser.add_argument("--preset", default=None, help="a shipped preset (see `bench list`) or a preset .yaml "
+                        "file (default: the study's)")
     parser.add_argument("--storage", default=None, help="Optuna storage: an RDB URL such as "
                         "postgresql://user@host/db to share a study between machines (default: a journal "
                         "file under <results-dir>/studies)")
-    parser.add_argument("--results-dir", default="results", help="output root (default: results)")
+    parser.add_argument("--results-dir", default="results", help="output root holding runs/, studies/ and "
+                        "reports/ (default: results)")
+    parser.add_argument("--report-dir", default=None, type=Path, help="write the report to REPORT_DIR/"
+                        "<dataset>-<preset>/ (e.g. results/published) instead of "
+                        "<results-dir>/reports/<study>/<dataset>-<preset>/")
 
 
 def cmd_report(argv: Sequence[str]) -> int:
     parser = Parser(prog="bench report", description="rebuild a study's tables and figures from the stores")
-    parser.add_argument("study", help="study name or .yaml file")
+    parser.add_argument("study", help="a shipped study (see `bench list`) or a study .yaml file")
     add_study_arguments(parser)
     args = parser.parse_args(argv)
     from bench.study_cli import report_study
@@ -124,16 +172,21 @@ def cmd_report(argv: Sequence[str]) -> int:
 def cmd_tune(argv: Sequence[str]) -> int:
     parser = Parser(prog="bench tune", description="TPE search of a method's hyperparameters on "
                     "validation accuracy, with pruning; saves the best as a preset file")
-    parser.add_argument("method")
-    parser.add_argument("--dataset", default="synthetic")
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--trials", type=int, default=20, help="trials to run (default 20)")
+    parser.add_argument("method", help="the method to tune (see `bench list`)")
+    parser.add_argument("--dataset", default="synthetic", help="dataset to tune on (default: synthetic)")
+    parser.add_argument("--data", default=None, help="dataset archive or folder, as `bench run --data`")
+    parser.add_argument("--preset", default=None, help="preset the trials start from; the best parameters "
+                        "are written on top of it (default: none)")
+    parser.add_argument("--trials", type=int, default=20, help="trials to run (default 20); a rerun adds "
+                        "trials to the same search")
     parser.add_argument("--space", default=None, help="search space YAML: {option: {low, high, log} | "
                         "{choices: [...]}} (default: the method's built-in space)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
-    parser.add_argument("--results-dir", default="results")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user@host/db "
+                        "(default: the journal file <results-dir>/studies/optuna.journal)")
+    parser.add_argument("--results-dir", default="results", help="output root: the trials' runs/ and the "
+                        "best preset in tuned/ (default: results)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show each trial's progress bar")
     add_set_argument(parser)
     args = parser.parse_args(argv)
     from bench.tune import tune
@@ -153,9 +206,10 @@ def cmd_speed(argv: Sequence[str]) -> int:
                         "with torch.profiler and write the top operators / kernels (default 0: off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: the preset's)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
+    parser.add_argument("--peak-tflops", type=finite_float, default=None,
                         help="the GPU's dense bf16 peak for MFU (default: the suite's, else 989, H100 SXM)")
-    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--results-dir", default="results", help="tables go to <results-dir>/speed/ "
+                        "(default: results)")
     add_set_argument(parser)
     args = parser.parse_args(argv)
     from bench.speed import speed
@@ -177,6 +231,13 @@ def cmd_list(argv: Sequence[str]) -> int:
     return 0
 
 
+def version_line() -> str:
+    from bench.provenance import git_state, versions
+    git = git_state()
+    where = f" (git {git['commit'][:12]}{', modified' if git['dirty'] else ''})" if git else ""
+    return f"ssvit-bench {versions()['ssvit-bench']}{where}"
+
+
 COMMANDS = {"run": (cmd_run, "train one method as a tracked run"),
             "study": (cmd_study, "run a study (grid x seeds) and write its report"),
             "report": (cmd_report, "rebuild a study's tables and figures"),
@@ -187,8 +248,11 @@ COMMANDS = {"run": (cmd_run, "train one method as a tracked run"),
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: bench COMMAND [options]\n\ncommands:")
+        print("usage: bench [--version] COMMAND [options]\n\ncommands:")
         for name, (_, help) in COMMANDS.items():
             print(f"  {name:8s} {help}")
         print("\n`bench COMMAND --help` for the options of a command.")

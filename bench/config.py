@@ -6,6 +6,7 @@ match it exactly on every key that changes the result (`IDENTITY_EXCLUDED` lists
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,17 @@ CORE_OPTIONS: dict[str, Option] = {
     # data and split
     "dataset": _opt("synthetic", "dataset name", "data", choices=DATASETS),
     "data": _opt(None, "path to the dataset archive or folder (offline CIFAR: the official "
-                 "cifar-10-python.tar.gz / cifar-100-python.tar.gz or an image-folder tarball)", "data"),
-    "cache_dir": _opt(None, "cache for downloads, decoded arrays and split manifests "
-                      "(default $SSVIT_CACHE or ~/.cache/ssvit-bench)", "data"),
+                 "cifar-10-python.tar.gz / cifar-100-python.tar.gz or an image-folder tarball); unset: "
+                 "CIFAR is downloaded, synthetic generated", "data"),
+    "cache_dir": _opt(None, "cache for downloads, decoded arrays and split manifests; unset: "
+                      "$SSVIT_CACHE, else ~/.cache/ssvit-bench", "data"),
     "synthetic_classes": _opt(10, "synthetic: number of classes", "data", **positive()),
     "synthetic_size": _opt(32, "synthetic: image side in pixels", "data", **positive()),
     "synthetic_train_per_class": _opt(100, "synthetic: training images per class", "data", **positive()),
     "synthetic_test_per_class": _opt(20, "synthetic: test images per class", "data", **positive()),
     "label_fraction": _opt(0.1, "labeled budget as a fraction of each class (0 < F <= 1)", "split",
                            **unit_open_closed()),
-    "labels_per_class": _opt(None, "labeled budget per class (overrides --label-fraction)", "split",
+    "labels_per_class": _opt(None, "labeled budget per class; set, it overrides --label-fraction", "split",
                              type=int, **positive()),
     "val_fraction": _opt(0.1, "share of the labeled budget held out for validation (>= 1 per class)",
                          "split", **unit_open()),
@@ -48,9 +50,11 @@ CORE_OPTIONS: dict[str, Option] = {
     "img_size": _opt(32, "model input resolution (images are resized on the device)", "model",
                      **positive()),
     "patch_size": _opt(4, "patch size", "model", **positive()),
-    "embed_dim": _opt(None, "override the encoder width", "model", type=int, **positive()),
-    "depth": _opt(None, "override the encoder depth", "model", type=int, **positive()),
-    "num_heads": _opt(None, "override the encoder heads", "model", type=int, **positive()),
+    "embed_dim": _opt(None, "encoder width; unset: the --encoder's", "model", type=int, **positive()),
+    "depth": _opt(None, "encoder blocks; unset: the --encoder's", "model", type=int, **positive()),
+    "num_heads": _opt(None, "encoder attention heads; unset: the --encoder's", "model", type=int, **positive()),
+    "mlp_ratio": _opt(None, "encoder MLP width / embedding width (small-data ViTs use 2); unset: the "
+                      "--encoder's", "model", type=float, **positive()),
     "drop_path": _opt(0.1, "stochastic depth rate", "model", **unit_open()),
     "global_pool": _opt("avg", "classifier input: cls token or mean of patch tokens", "model",
                         choices=("token", "avg")),
@@ -74,15 +78,17 @@ CORE_OPTIONS: dict[str, Option] = {
     "beta2": _opt(0.999, "AdamW beta2", "optim", **unit_open()),
     "layer_decay": _opt(1.0, "layer-wise lr decay (1 = off)", "optim", **unit_open_closed()),
     "clip_grad": _opt(0.0, "clip the gradient norm to this value (0 = off)", "optim", **non_negative()),
-    "label_smoothing": _opt(0.1, "label smoothing of the supervised loss", "optim", **unit_open()),
+    "label_smoothing": _opt(0.0, "label smoothing of the supervised loss", "optim", **unit_open()),
     "ema_decay": _opt(0.999, "decay of the EMA model (evaluated beside the raw model)", "optim",
                       **unit_open()),
     # views of the labeled batch and the shared augmentation pipeline
-    "labeled_view": _opt("strong", "augmentation of labeled images", "views",
+    "labeled_view": _opt("weak", "augmentation of labeled images", "views",
                          choices=("weak", "strong", "mae", "eval")),
     "pad_frac": _opt(0.125, "weak view: max translation as a fraction of the image side", "views",
                      **unit_closed()),
     "randaug_ops": _opt(2, "strong view: RandAugment ops per image", "views", **non_negative()),
+    "randaug_prob": _opt(0.5, "strong view: probability that each drawn RandAugment op is applied "
+                         "(FixMatch's RandAugmentMC: 0.5)", "views", **unit_closed()),
     "randaug_mag": _opt(10.0, "strong view: RandAugment magnitude, 0..10 (each op draws its "
                         "strength uniformly up to this share of its maximum)", "views",
                         check=lambda v: 0 <= v <= 10, check_msg="in [0, 10]"),
@@ -99,8 +105,9 @@ CORE_OPTIONS: dict[str, Option] = {
                 choices=("auto", "bf16", "fp32")),
     "compile": _opt(False, "torch.compile the model", "run"),
     "device": _opt("auto", "auto, cpu, cuda or cuda:N", "run"),
-    "results_dir": _opt("results", "output root (runs/, studies/, tables/, figures/)", "run"),
-    "mongo": _opt(None, "also record runs in MongoDB at this URL", "run"),
+    "results_dir": _opt("results", "output root: runs/ (one Sacred run each), stages/ (cached earlier "
+                        "stages), studies/, reports/, tuned/ and speed/", "run"),
+    "mongo": _opt(None, "also record runs in MongoDB at this URL (unset: the file store only)", "run"),
     "progress": _opt(True, "show a progress bar", "run"),
 }
 
@@ -150,12 +157,20 @@ def method_layer(mapping: dict[str, Any], method: str, source: str) -> dict[str,
     return flat
 
 
+def defaults(method_cls) -> dict[str, Any]:
+    """The bottom layer of a method's config: core defaults < the method's recipe (its paper's
+    supervised branch, e.g. no label smoothing under a 0.95 threshold) < its own options."""
+    return {**{k: opt.default for k, opt in all_options(method_cls).items()}, **method_cls.recipe}
+
+
 def resolve(method_cls, preset: str | None = None, study: dict | None = None,
-            cli: dict | None = None) -> dict[str, Any]:
-    """Merge defaults < preset < study < CLI for `method_cls`, validating every value."""
+            cli: dict | None = None, sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Merge defaults < preset < study < CLI for `method_cls`, validating every value. When
+    `sources` is given, it receives the layer each value came from."""
     options = all_options(method_cls)
     preset_name, preset_map = load_preset(preset)
-    cfg = {k: opt.default for k, opt in options.items()}
+    cfg = defaults(method_cls)
+    where = {k: (f"{method_cls.name}'s recipe" if k in method_cls.recipe else "default") for k in cfg}
     layers = [(f"preset {preset_name}", method_layer(preset_map, method_cls.name, f"preset {preset_name}")),
               ("study", method_layer(study or {}, method_cls.name, "study")),
               ("command line", cli or {})]
@@ -165,15 +180,32 @@ def resolve(method_cls, preset: str | None = None, study: dict | None = None,
                 raise UsageError(f"{source}: unknown option '{key}' for method {method_cls.name}; "
                                  f"see `bench run {method_cls.name} --help`")
             cfg[key] = options[key].convert(key, value)
+            where[key] = source
     cfg["method"] = method_cls.name
     cfg["preset"] = preset_name
     _check_consistency(cfg)
+    if sources is not None:
+        sources.update(where)
     return cfg
+
+
+def render(cfg: dict[str, Any], sources: dict[str, str]) -> str:
+    """A resolved config as YAML, each value commented with the layer it came from; usable as a
+    preset file (`--preset FILE`)."""
+    lines = [f"# bench run {cfg['method']}: resolved config (defaults < preset < study < command line)",
+             f"# preset: {cfg['preset']}"]
+    for key, value in cfg.items():
+        if key in ("method", "preset"):
+            continue
+        lines.append(f"{key}: {json.dumps(value)}  # {sources.get(key, 'default')}")
+    return "\n".join(lines) + "\n"
 
 
 def all_options(method_cls) -> dict[str, Option]:
     clash = set(CORE_OPTIONS) & set(method_cls.options)
     assert not clash, f"method {method_cls.name} redeclares core options {clash}"
+    stray = set(method_cls.recipe) - set(CORE_OPTIONS)
+    assert not stray, f"method {method_cls.name}'s recipe sets {stray}, which are not core options"
     return {**CORE_OPTIONS, **method_cls.options}
 
 

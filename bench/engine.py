@@ -73,6 +73,8 @@ class Trainer:
     log: LogFn = lambda name, value, step: None
     flush: Callable[[], None] = lambda: None  # persist logged metrics (called before checkpoints)
     on_validation: Callable[[int, dict], None] | None = None  # sees validation accuracy only (pruning)
+    warn: Callable[[str], None] = lambda message: None  # a health warning: shown and kept in the run's info
+    on_progress: Callable[[dict], None] | None = None  # step, steps, val_acc, eta_s at each log flush
     step: int = 0
     selection: Selection = field(default_factory=Selection)
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -94,7 +96,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg["ema_decay"])
         self.views = Views(cfg["img_size"], self.generator, pad_frac=cfg["pad_frac"],
                            randaug_ops=cfg["randaug_ops"], randaug_mag=cfg["randaug_mag"],
-                           cutout_frac=cfg["cutout_frac"])
+                           randaug_prob=cfg["randaug_prob"], cutout_frac=cfg["cutout_frac"])
         train_data = TrainData(self.train_x, self.train_y, idx["labeled"], idx["val"], idx["unlabeled"])
         self.method = self.method_cls(cfg, self.model, self.ema, self.views, self.data.num_classes, train_data,
                                       autocast=self.autocast)
@@ -112,6 +114,8 @@ class Trainer:
         self._count = 0
         self._finite = torch.ones((), dtype=torch.bool, device=dev)
         self._stop_requested = False
+        self.admitted = False  # has any pseudo-label been used yet (semi-supervised methods)
+        self.warned = False    # ... and if not by half the run, has the user been told
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -124,6 +128,7 @@ class Trainer:
                 "labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict(),
                 "rng": checkpoint.rng_state(self.generator), "selection": vars(self.selection).copy(),
                 "last_eval": dict(self.last_eval), "config": identity(self.cfg),
+                "health": (self.admitted, self.warned),
                 # a Ctrl-C checkpoint falls inside a log window: keep its partial sums
                 "log_window": ({k: v.cpu() for k, v in self._sums.items()}, self._count),
                 "split_hash": self.split.hash}
@@ -142,6 +147,7 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"], self.generator)
         self.selection = Selection(**state["selection"])
         self.last_eval = dict(state["last_eval"])
+        self.admitted, self.warned = state["health"]
         sums, self._count = state["log_window"]
         self._sums = {k: v.to(self.device) for k, v in sums.items()}
 
@@ -218,28 +224,53 @@ class Trainer:
         for k, v in values.items():
             self.log(f"train.{k}", v, self.step)
         self._sums, self._count = {}, 0
+        self._check_admission(values)
         return values
 
+    def _check_admission(self, values: dict[str, float]) -> None:
+        """A semi-supervised run that has used no pseudo-label by half its steps is a supervised
+        run in disguise: say so once, while it runs."""
+        if not self.method_cls.pseudo_labels or self.admitted or self.warned:
+            return
+        self.admitted = values.get("pl_rate", 0.0) > 0
+        if not self.admitted and self.step >= self.cfg["steps"] // 2:
+            self.warned = True
+            self.warn(f"{self.cfg['method']}: no pseudo-label admitted in {self.step} of {self.cfg['steps']} "
+                      f"steps; it is training as a supervised run (check --tau / --confidence, the gate, "
+                      f"label smoothing)")
+
     # -- evaluation ----------------------------------------------------------------------------
+    def _validation(self) -> dict:
+        """Evaluation of the raw and EMA models on the validation split."""
+        val_idx = self.method.data.val
+        return {tag: evaluate(model, self.train_x[val_idx], self.train_y[val_idx], self.views.eval,
+                              self.cfg["eval_batch_size"], self.autocast)
+                for tag, model in (("raw", self.model), ("ema", self.ema.model))}
+
+    def _method_reads(self, val: dict) -> None:
+        for k, v in (self.method.on_validation(val, self.step) or {}).items():
+            self.log(k, float(v), self.step)
+
+    def validate(self) -> None:
+        """A validation-only reading for the method (e.g. its gate), between evaluations; it
+        takes no part in checkpoint selection, which needs the test accuracy of its point."""
+        self._check_finite()
+        self._method_reads(self._validation())
+
     def evaluate(self) -> dict[str, float]:
         self._check_finite()
-        bs, to_input = self.cfg["eval_batch_size"], self.views.eval
-        val_idx = self.method.data.val
-        results = {}
-        for tag, model in (("raw", self.model), ("ema", self.ema.model)):
-            val = evaluate(model, self.train_x[val_idx], self.train_y[val_idx], to_input, bs, self.autocast)
-            test = evaluate(model, self.test_x, self.test_y, to_input, bs, self.autocast)
-            results[tag] = (val, test)
-        method_logs = self.method.on_validation({tag: r[0] for tag, r in results.items()}, self.step) or {}
-        for k, v in method_logs.items():
-            self.log(k, float(v), self.step)
-        metrics = {"val_acc": results["raw"][0].acc, "val_acc_ema": results["ema"][0].acc,
-                   "test_acc": results["raw"][1].acc, "test_acc_ema": results["ema"][1].acc}
+        val = self._validation()
+        test = {tag: evaluate(model, self.test_x, self.test_y, self.views.eval, self.cfg["eval_batch_size"],
+                              self.autocast)
+                for tag, model in (("raw", self.model), ("ema", self.ema.model))}
+        self._method_reads(val)  # the method sees validation only
+        metrics = {"val_acc": val["raw"].acc, "val_acc_ema": val["ema"].acc,
+                   "test_acc": test["raw"].acc, "test_acc_ema": test["ema"].acc}
         for k, v in metrics.items():
             self.log(k, v, self.step)
-        for tag, (val, test) in results.items():
-            if val.acc > self.selection.val_acc:  # selection reads validation only
-                self.selection = Selection(self.step, tag, val.acc, test.acc)
+        for tag in ("raw", "ema"):
+            if val[tag].acc > self.selection.val_acc:  # selection reads validation only
+                self.selection = Selection(self.step, tag, val[tag].acc, test[tag].acc)
                 model = self.model if tag == "raw" else self.ema.model
                 checkpoint.save(self.run_dir / "selected.pt", {"step": self.step, "model": tag,
                                                                "state_dict": model.state_dict()})
@@ -256,6 +287,8 @@ class Trainer:
         t_window, t_total, images_total = time.perf_counter(), 0.0, 0
         last_flush = t_window
         postfix: dict[str, str] = {}
+        extra_reads = self.method.validation_every()
+        t_start, step_start = time.perf_counter(), self.step
         with _stop_on_sigint(self), bar:
             while self.step < steps:
                 if self._stop_requested:
@@ -270,14 +303,23 @@ class Trainer:
                     t_total += elapsed
                     images_total += n_done * (self.n_labeled + self.n_unlabeled)
                     bar.update(self.step - bar.n)
-                    postfix.update(loss=f"{values['loss']:.3f}", img_s=f"{values['img_per_s']:.0f}")
+                    postfix.update(progress_fields(values, self.method.status()))
                     bar.set_postfix(postfix, refresh=False)
+                    if self.on_progress is not None:
+                        rate = (self.step - step_start) / max(time.perf_counter() - t_start, 1e-9)
+                        self.on_progress({"step": self.step, "steps": steps, "eta_s": (steps - self.step) / rate,
+                                          "val_acc": self.last_eval.get("val_acc")})
                     if time.perf_counter() - last_flush > 10:  # the store's curves stay current
                         self.flush()
                         last_flush = time.perf_counter()
                     t_window = time.perf_counter()
-                if self.method_cls.classifies and (self.step % cfg["eval_every"] == 0 or at_end):
+                evaluating = self.method_cls.classifies and (self.step % cfg["eval_every"] == 0 or at_end)
+                if evaluating:
                     postfix["val"] = f"{self.evaluate()['val_acc']:.1f}"
+                elif extra_reads and self.step % extra_reads == 0 and not at_end:
+                    self.validate()
+                if evaluating or (extra_reads and self.step % extra_reads == 0):
+                    postfix.update(self.method.status())
                     bar.set_postfix(postfix, refresh=False)
                     t_window = time.perf_counter()  # evaluation time is not training throughput
                 if self.step % cfg["ckpt_every"] == 0 or at_end:
@@ -294,6 +336,16 @@ class Trainer:
                 "test_acc_selected": s.test_acc, "selected_step": s.step, "selected_model": s.model,
                 "selected_val_acc": s.val_acc, "steps": self.step, "img_per_s": img_per_s,
                 "split_hash": self.split.hash}
+
+
+def progress_fields(values: dict[str, float], status: dict[str, str]) -> dict[str, str]:
+    """The progress bar's view of a log window: loss, throughput, pseudo-label health."""
+    fields = {"loss": f"{values['loss']:.3f}", "img_s": f"{values['img_per_s']:.0f}"}
+    if "pl_rate" in values:
+        fields["pl"] = f"{100 * values['pl_rate']:.0f}%"
+    if "pl_precision" in values:
+        fields["prec"] = f"{100 * values['pl_precision']:.0f}%"
+    return {**fields, **status}
 
 
 @contextlib.contextmanager

@@ -14,16 +14,16 @@ class Evaluation:
     probs: Tensor     # (N, K) softmax probabilities
     labels: Tensor    # (N,)
 
-    def high_confidence_accuracy(self, confidence: float) -> tuple[float, float]:
-        """(accuracy over predictions whose max probability exceeds `confidence`, their share);
+    def high_confidence_accuracy(self, confidence: float) -> tuple[float, int]:
+        """(accuracy over predictions whose max probability exceeds `confidence`, their count);
         0 accuracy when none does."""
         conf, pred = self.probs.max(dim=1)
         sure = conf > confidence
         n = int(sure.sum())
         if n == 0:
-            return 0.0, 0.0
+            return 0.0, 0
         correct = int((pred[sure] == self.labels[sure]).sum())  # integer counts: 7/10 is exactly 70 %
-        return 100.0 * correct / n, n / len(conf)
+        return 100.0 * correct / n, n
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
     fig_spec = spec.figure or {}
     kind = fig_spec.get("kind", "line" if spec.axes else "bar")
     ok = summary[summary["n"] > 0]
-    with_precision = bool(fig_spec.get("precision")) and ok["pl_precision"].notna().any()
+    with_precision = bool(fig_spec.get("precision")) and ok["pl_precision_mean"].notna().any()
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(1, 2 if with_precision else 1, figsize=(11 if with_precision else 6, 4), squeeze=False)
     ax = axes[0, 0]
@@ -64,7 +64,7 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             pax = axes[0, 1]
             for key, g in ok.groupby(hue, sort=False):
                 g = g.sort_values(x)
-                pax.plot(g[x].astype(float), 100 * g["pl_precision"], marker="o", label=str(key))
+                pax.plot(g[x].astype(float), 100 * g["pl_precision_mean"], marker="o", label=str(key))
             pax.set_xlabel(x)
             pax.set_ylabel("pseudo-label precision (%)")
             pax.legend(fontsize=7)

@@ -70,11 +70,13 @@ class Method:
     name: ClassVar[str] = "?"
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
+    recipe: ClassVar[dict[str, Any]] = {}    # the method's own values of core options (its paper's)
     uses_labeled: ClassVar[bool] = True      # sample a labeled batch each step
     uses_unlabeled: ClassVar[bool] = False   # sample unlabeled_batch_size() unlabeled images
     unlabeled_source: ClassVar[str] = "pool"  # "pool" (the split's) or "all" training images
     uses_decoder: ClassVar[bool] = False     # build the MAE decoder
     classifies: ClassVar[bool] = True        # evaluate accuracy (False for label-free pretraining)
+    pseudo_labels: ClassVar[bool] = False    # admits pseudo-labels: logs pl_rate / pl_precision
     stages: ClassVar[tuple] = ()             # earlier stages (bench.stages.Stage), trained first
 
     def __init__(self, cfg: dict[str, Any], model, ema, views, num_classes: int, data: TrainData,
@@ -100,6 +102,28 @@ class Method:
         """Called after each evaluation with the VALIDATION results of the raw and EMA models
         (`val["raw"]`, `val["ema"]`); the test set never reaches a method. Returned values are
         logged at this step."""
+
+    @classmethod
+    def check(cls, cfg: dict[str, Any], num_classes: int, split) -> None:
+        """Reject (UsageError) a resolved config under which the method cannot do what it is
+        named for, e.g. pseudo-labelling that can never admit a label. Runs before anything is
+        written, for every run and every study cell; `split` is the run's `bench.splits.Split`."""
+        if cls.uses_unlabeled and cls.unlabeled_source == "pool" and len(split.unlabeled) == 0:
+            raise UsageError(f"{cls.name}: the unlabeled pool is empty (--unlabeled-pool "
+                             f"{cfg['unlabeled_pool']}, --label-fraction {cfg['label_fraction']}); "
+                             f"use --unlabeled-pool all or a smaller labeled budget")
+        if cls.uses_unlabeled and "mu" in cfg and round(cfg["mu"] * cfg["batch_size"]) < 1:
+            raise UsageError(f"{cls.name}: --mu {cfg['mu']} x --batch-size {cfg['batch_size']} rounds to no "
+                             f"unlabeled image per step; raise --mu or --batch-size")
+
+    def validation_every(self) -> int | None:
+        """Steps between extra validation-only readings (e.g. a gate decided more often than the
+        test set is evaluated); None: validation is read at the evaluations only."""
+        return None
+
+    def status(self) -> dict[str, str]:
+        """Short state for the progress bar (e.g. the gate), read at log intervals."""
+        return {}
 
     def steady_state(self) -> None:
         """Enter the regime that dominates a long run (e.g. an open gate), so that `bench speed`

@@ -7,11 +7,13 @@ timm's own patch embedding and `_pos_embed`, so class / register / distillation 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import timm
 import torch
+from timm.layers import DropPath
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -114,9 +116,14 @@ class ViTMAE(nn.Module):
                 vit.pos_embed[0, start:] = sincos_2d(vit.embed_dim, *self.grid)
             vit.pos_embed.requires_grad_(False)
         self.decoder = None
+        self.mae_norm = None
         if decoder is not None:
             self.decoder = MAEDecoder(vit.embed_dim, self.grid, self.num_prefix_tokens,
                                       self.patch_size ** 2 * 3, decoder, sincos=sincos)
+            if isinstance(vit.norm, nn.Identity):
+                # Average-pooling ViTs move the final norm to `fc_norm`, after pooling; MAE normalises
+                # the latent tokens before decoding, so the MAE branch gets a norm of its own.
+                self.mae_norm = nn.LayerNorm(vit.embed_dim, eps=1e-6)
 
     # -- classification ------------------------------------------------------------------------
     def forward(self, imgs: Tensor) -> Tensor:
@@ -140,33 +147,53 @@ class ViTMAE(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], 3, h * p, w * p)
 
-    def random_masking(self, x: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Per sample, keep int(L * (1 - mask_ratio)) random tokens (argsort of uniform noise from
-        the global RNG). Returns the kept tokens (in shuffled order), the mask (B, L) in the original
-        order with 1 = removed, and `ids_restore`, which undoes the shuffle."""
+    def random_masking(self, x: Tensor, mask_ratio: float,
+                       generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sample, keep int(L * (1 - mask_ratio)) random tokens (argsort of uniform noise drawn
+        from `generator`, the run's seeded one, so a resumed run masks exactly as an uninterrupted
+        one). Returns the kept tokens (in shuffled order), the mask (B, L) in the original order
+        with 1 = removed, and `ids_restore`, which undoes the shuffle."""
         B, L, D = x.shape
         keep = int(L * (1 - mask_ratio))
-        noise = torch.rand(B, L, device=x.device)
+        noise = torch.rand(B, L, device=x.device, generator=generator)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         x_kept = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, D))
         mask = (ids_restore >= keep).float()  # a token's rank in the shuffle decides if it is kept
         return x_kept, mask, ids_restore
 
-    def forward_encoder_masked(self, imgs: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Encode only the kept patches. Returns (latent (B, prefix + keep, D), mask, ids_restore)."""
+    def forward_encoder_masked(self, imgs: Tensor, mask_ratio: float,
+                               generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Encode only the kept patches, without stochastic depth (as in MAE pretraining: the
+        masking is the regulariser). Returns (latent (B, prefix + keep, D), mask, ids_restore),
+        the latent normalised as MAE feeds it to the decoder."""
         vit = self.vit
         x = vit._pos_embed(vit.patch_embed(imgs))  # timm adds positions and prepends prefix tokens
         # vit.patch_drop is skipped on purpose: masking is the patch dropout here, and a second
         # random drop would break ids_restore (build_model never enables it).
         n = self.num_prefix_tokens
-        patches, mask, ids_restore = self.random_masking(x[:, n:], mask_ratio)
+        patches, mask, ids_restore = self.random_masking(x[:, n:], mask_ratio, generator)
         x = vit.norm_pre(torch.cat([x[:, :n], patches], dim=1))
-        if vit.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(vit.blocks, x)
-        else:
-            x = vit.blocks(x)
-        return vit.norm(x), mask, ids_restore
+        with self._no_drop_path():
+            if vit.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(vit.blocks, x)
+            else:
+                x = vit.blocks(x)
+        x = vit.norm(x)
+        if self.mae_norm is not None:
+            x = self.mae_norm(x)
+        return x, mask, ids_restore
+
+    @contextlib.contextmanager
+    def _no_drop_path(self) -> Iterator[None]:
+        active = [m for m in self.vit.blocks.modules() if isinstance(m, DropPath) and m.training]
+        for m in active:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m in active:
+                m.training = True
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         if self.decoder is None:
@@ -185,8 +212,10 @@ class ViTMAE(nn.Module):
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
-    def forward_mae(self, imgs: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
-        latent, mask, ids_restore = self.forward_encoder_masked(imgs, mask_ratio)
+    def forward_mae(self, imgs: Tensor, mask_ratio: float,
+                    generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """(MAE loss, predicted patches, mask) of `imgs` with `mask_ratio` of patches removed."""
+        latent, mask, ids_restore = self.forward_encoder_masked(imgs, mask_ratio, generator)
         pred = self.forward_decoder(latent, ids_restore)
         return self.mae_loss(imgs, pred, mask), pred, mask
 
@@ -240,7 +269,7 @@ def build_model(cfg: dict[str, Any], num_classes: int, with_decoder: bool) -> Vi
     pos_embed = cfg.get("pos_embed", "learn")
     if pos_embed not in ("learn", "sincos"):
         raise UsageError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
-    overrides = {k: cfg[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "global_pool")
+    overrides = {k: cfg[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "global_pool")
                  if cfg.get(k) is not None}
     if cfg.get("drop_path") is not None:
         overrides["drop_path_rate"] = cfg["drop_path"]

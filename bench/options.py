@@ -1,6 +1,7 @@
 """Option declarations: every knob has a default, a type, a help line and a check."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,6 +45,9 @@ class Option:
                 if isinstance(value, bool):
                     raise ValueError
                 value = float(value)
+                if not math.isfinite(value):
+                    raise UsageError(f"{flag}: {value!r} is not a finite number; give a finite float "
+                                     f"(default {self.default!r})")
             else:
                 value = kind(value)
         except (TypeError, ValueError):

@@ -28,6 +28,12 @@ def threshold(probs: Tensor, tau: float, strict: bool = False) -> PseudoLabels:
     return PseudoLabels(labels, conf, mask)
 
 
+def confidence_cap(label_smoothing: float, num_classes: int) -> float:
+    """The largest probability a model trained on smoothed targets is pushed towards: the
+    smoothed target itself, 1 - s + s / K. A threshold at or above it admits (almost) nothing."""
+    return 1.0 - label_smoothing + label_smoothing / num_classes
+
+
 def agreeing(weak: PseudoLabels, strong: PseudoLabels) -> PseudoLabels:
     """SSMAE's admission filter: confident on both views and the same class on both."""
     mask = weak.mask & strong.mask & (weak.labels == strong.labels)
@@ -78,29 +84,33 @@ class PseudoLabelMemory:
 
 @dataclass
 class ValidationGate:
-    """Opens when high-confidence accuracy on a held-out split reaches `threshold` (percent).
+    """Opens when high-confidence accuracy on a held-out split reaches `threshold` (percent),
+    measured over at least `min_confident` confident images: one or two lucky images must not
+    decide it.
 
-    Re-decided at every evaluation after `warmup_steps`; `always_open` is the no-gate ablation."""
+    Re-decided at every reading after `warmup_steps`; `always_open` is the no-gate ablation."""
     threshold: float
     confidence: float
     warmup_steps: int
+    min_confident: int = 1
     always_open: bool = False
     is_open: bool = False
     last_hc_acc: float = 0.0
-    last_hc_share: float = 0.0
+    last_hc_count: int = 0
 
     def __post_init__(self) -> None:
         self.is_open = self.is_open or self.always_open
 
     def update(self, evaluation: Evaluation, step: int) -> bool:
-        self.last_hc_acc, self.last_hc_share = evaluation.high_confidence_accuracy(self.confidence)
+        self.last_hc_acc, self.last_hc_count = evaluation.high_confidence_accuracy(self.confidence)
         if not self.always_open:
-            self.is_open = step >= self.warmup_steps and self.last_hc_acc >= self.threshold
+            self.is_open = (step >= self.warmup_steps and self.last_hc_count >= self.min_confident
+                            and self.last_hc_acc >= self.threshold)
         return self.is_open
 
     def state_dict(self) -> dict:
-        return {"is_open": self.is_open, "last_hc_acc": self.last_hc_acc, "last_hc_share": self.last_hc_share}
+        return {"is_open": self.is_open, "last_hc_acc": self.last_hc_acc, "last_hc_count": self.last_hc_count}
 
     def load_state_dict(self, state: dict) -> None:
         self.is_open, self.last_hc_acc = state["is_open"], state["last_hc_acc"]
-        self.last_hc_share = state["last_hc_share"]
+        self.last_hc_count = state["last_hc_count"]

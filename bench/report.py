@@ -18,11 +18,20 @@ from optuna.trial import TrialState
 from bench.io import atomic_write_text
 from bench.studies import Cell, StudySpec
 
-PRECISION = "train.pl_precision"
+RESULTS = ("test_acc", "test_acc_ema", "test_acc_selected", "selected_val_acc", "minutes", "stage_minutes",
+           "img_per_s")
+# Pseudo-label health at the end of a run: the mean over its last tenth of logged steps.
+HEALTH = {"pl_rate": "train.pl_rate", "pl_precision": "train.pl_precision"}
+# What a no-axis study's table shows per method / variant, in this order.
+COLUMNS = {"test_acc": "test acc final", "test_acc_ema": "test acc EMA", "test_acc_selected": "test acc selected",
+           "pl_rate": "admission %", "pl_precision": "precision %", "minutes": "minutes",
+           "stage_minutes": "+ stage minutes", "img_per_s": "img/s"}
+PERCENT = {"pl_rate", "pl_precision"}  # stored as fractions, shown as percentages
 
 
 def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.DataFrame:
-    """One row per cell: its axes, variant, seed and, where a COMPLETE run exists, its numbers."""
+    """One row per cell: its axes, variant, seed and, where a COMPLETE run exists, its numbers,
+    its pseudo-label health and where it came from (commit, versions, device)."""
     first: dict[str, Any] = {}
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         key = t.user_attrs.get("cell")
@@ -38,26 +47,44 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
             record = _json(run_dir / "run.json")
             if record.get("status") == "COMPLETED":
                 result = record.get("result") or {}
-                row.update(run_id=run_dir.name, trial=trial.number, **{
-                    k: result.get(k) for k in ("test_acc", "test_acc_ema", "test_acc_selected",
-                                               "selected_val_acc", "minutes")})
-                row["pl_precision"] = _last(_json(run_dir / "metrics.json"), PRECISION)
+                metrics = _json(run_dir / "metrics.json")
+                row.update(run_id=run_dir.name, trial=trial.number, **{k: result.get(k) for k in RESULTS})
+                row.update({k: _tail_mean(metrics, name, result.get("steps")) for k, name in HEALTH.items()})
+                row.update(provenance(record))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def provenance(record: dict) -> dict[str, Any]:
+    """Commit, dirty flag, package versions and device of a Sacred run record."""
+    experiment, host = record.get("experiment") or {}, record.get("host") or {}
+    repo = (experiment.get("repositories") or [{}])[0]
+    deps = dict(d.split("==", 1) for d in experiment.get("dependencies") or [] if "==" in d)
+    return {"commit": repo.get("commit"), "dirty": repo.get("dirty"),
+            "device": (host.get("accelerator") or {}).get("name"),
+            **{f"version.{name}": deps.get(name) for name in ("ssvit-bench", "torch", "timm", "optuna")}}
+
+
+def _stats(values: pd.Series) -> tuple[float, float, int]:
+    """(mean, std, n); std is NaN below two values: one seed shows no variance, not zero."""
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    n = len(values)
+    return (values.mean() if n else math.nan), (values.std(ddof=1) if n > 1 else math.nan), n
+
+
 def summarise(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
-    """mean, std and n over seeds per group; a group with no finished run has n = 0 and NaN."""
+    """Per group: mean, std and n over seeds of the study's metric, and mean / std of every
+    reported column; a group with no finished run has n = 0 and NaN."""
     keys = ["method", *spec.axes, "variant"]
     out = []
     for _, g in df.groupby("group", sort=False):
-        values = pd.to_numeric(g[spec.metric], errors="coerce").dropna() if spec.metric in g else pd.Series([], dtype=float)
-        prec = pd.to_numeric(g["pl_precision"], errors="coerce").dropna() if "pl_precision" in g else pd.Series([], dtype=float)
         first = g.iloc[0]
-        out.append({**{k: first[k] for k in keys}, "mean": values.mean() if len(values) else math.nan,
-                    "std": values.std(ddof=1) if len(values) > 1 else (0.0 if len(values) == 1 else math.nan),
-                    "n": int(len(values)), "cells": int(len(g)),
-                    "pl_precision": prec.mean() if len(prec) else math.nan})
+        mean, std, n = _stats(g[spec.metric]) if spec.metric in g else (math.nan, math.nan, 0)
+        row = {**{k: first[k] for k in keys}, "mean": mean, "std": std, "n": n, "cells": int(len(g))}
+        for col in COLUMNS:
+            m, sd, _ = _stats(g[col]) if col in g else (math.nan, math.nan, 0)
+            row[f"{col}_mean"], row[f"{col}_std"] = m, sd
+        out.append(row)
     return pd.DataFrame(out)
 
 
@@ -69,7 +96,7 @@ def reference_rows(spec: StudySpec, dataset: str) -> pd.DataFrame:
     for method, values in ref.items():
         for x, v in (values or {}).items():
             rows.append({"method": f"{method} (paper)", **({axis: x} if axis else {}), "variant": None,
-                         "mean": float(v), "std": math.nan, "n": 0, "cells": 0, "pl_precision": math.nan})
+                         "mean": float(v), "std": math.nan, "n": 0, "cells": 0})
     return pd.DataFrame(rows)
 
 
@@ -82,7 +109,8 @@ def fmt(mean: float, std: float, n: int, reference: bool = False) -> str:
 
 
 def pivot(summary: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
-    """Rows: method (and variant, and all axes but the first); columns: the first axis."""
+    """Rows: method (and variant, and all axes but the first); columns: the first axis. Without
+    axes, the columns are the reported results (accuracies, pseudo-label health, minutes)."""
     s = summary.copy()
     s["label"] = s["method"] + s["variant"].map(lambda v: f" [{v}]" if isinstance(v, str) else "")
     axes = list(spec.axes)
@@ -91,7 +119,14 @@ def pivot(summary: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     s["value"] = [fmt(m, sd, n, n == 0 and "(paper)" in lab)
                   for m, sd, n, lab in zip(s["mean"], s["std"], s["n"], s["label"])]
     if not axes:
-        return s.set_index("label")[["value"]].rename(columns={"value": spec.metric})
+        table = pd.DataFrame(index=s["label"])
+        for col, title in COLUMNS.items():
+            if f"{col}_mean" not in s or not (s[f"{col}_mean"].fillna(0) != 0).any():
+                continue  # e.g. no method in the study admits pseudo-labels or has earlier stages
+            scale = 100.0 if col in PERCENT else 1.0
+            table[title] = [fmt(scale * m, scale * sd, n if not math.isnan(m) else 0)
+                            for m, sd, n in zip(s[f"{col}_mean"], s[f"{col}_std"], s["n"])]
+        return table
     table = s.pivot_table(index="label", columns=axes[0], values="value", aggfunc="first", sort=False)
     table = table.reindex(columns=sorted(table.columns, key=float))
     return table.fillna("—")
@@ -115,10 +150,17 @@ def latex(table: pd.DataFrame, caption: str) -> str:
                       r"\end{table}"]) + "\n"
 
 
+def report_dir(spec: StudySpec, results_dir: Path, dataset: str, preset: str | None,
+               under: Path | None = None) -> Path:
+    """`<under>/<dataset>-<preset>/`, by default under `<results_dir>/reports/<study>/`."""
+    under = under if under is not None else results_dir / "reports" / spec.name
+    return Path(under) / f"{dataset}-{Path(preset).stem if preset else 'default'}"
+
+
 def write_report(spec: StudySpec, study, cells: list[Cell], results_dir: Path, dataset: str,
-                 preset: str | None) -> Path:
+                 preset: str | None, under: Path | None = None) -> Path:
     """Write runs.csv, summary.csv, table.{csv,md,tex}, figure.{png,pdf}, curves.{png,pdf}."""
-    out = results_dir / "reports" / spec.name / f"{dataset}-{preset or 'default'}"
+    out = report_dir(spec, results_dir, dataset, preset, under)
     df = collect(spec, study, cells, results_dir)
     summary = summarise(df, spec)
     refs = reference_rows(spec, dataset)
@@ -143,6 +185,12 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def _last(metrics: dict, name: str) -> float:
-    values = (metrics.get(name) or {}).get("values") or []
-    return float(values[-1]) if values else math.nan
+def _tail_mean(metrics: dict, name: str, steps: int | None) -> float:
+    """Mean of a curve over the last tenth of the run's steps (NaN if it has no point there)."""
+    series = metrics.get(name) or {}
+    points = list(zip(series.get("steps") or [], series.get("values") or []))
+    if not points:
+        return math.nan
+    end = steps or points[-1][0]
+    tail = [v for s, v in points if s > 0.9 * end] or [points[-1][1]]
+    return float(sum(tail) / len(tail))

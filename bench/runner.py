@@ -22,7 +22,7 @@ from bench.io import atomic_write_text
 from bench.method import get_method
 from bench.model import build_model
 from bench.splits import split_for
-from bench.stages import run_stage, save_final, stage_config, stage_key
+from bench.stages import run_stage, save_final, stage_config, stage_key, stage_result
 from bench.tracking import RunHandle, mongo_observer, prepare_runs_dir, runs_dir, tracked_run
 
 
@@ -34,6 +34,14 @@ def find_run_dir(results_dir: str | Path, run: str) -> Path:
             return path
     raise UsageError(f"--resume {run}: no run directory with a config.json at "
                      f"{' or '.join(map(str, candidates))}; give a run id or path")
+
+
+def check_feasible(cfg: dict[str, Any], data, cache_dir: Path):
+    """The run's split, once the method has confirmed that the config lets it work (e.g. that a
+    pseudo-label can be admitted at all); UsageError otherwise."""
+    split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
+    get_method(cfg["method"]).check(cfg, data.num_classes, split)
+    return split
 
 
 def check_resumable(cfg: dict[str, Any], run_dir: Path) -> int:
@@ -69,7 +77,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
     cache_dir = prepare_cache_dir(cfg["cache_dir"])
     data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg),
                         progress=cfg["progress"])
-    split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
+    split = check_feasible(cfg, data, cache_dir)
     with torch.device("meta"):  # a model the options cannot build is rejected before any write
         build_model(cfg, data.num_classes, with_decoder=method_cls.uses_decoder)
     prepare_runs_dir(cfg["results_dir"])
@@ -81,14 +89,14 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
         run.set_info("dataset_hash", data.source_hash)
         run.set_info("checkpoint", str((run.dir / "checkpoint.pt").resolve()))
         log(f"run {run.id}: {cfg['method']} on {cfg['dataset']} -> {run.dir}")
-        start = time.perf_counter()
         try:
             if os.environ.get("SSVIT_RUN_ID_FILE"):  # a study worker links its trial to this run
                 atomic_write_text(os.environ["SSVIT_RUN_ID_FILE"], run.id)
             atomic_write_text(run.dir / "split.json", split.to_json())
-            weights, keep_head = train_stages(cfg, method_cls, data, split, run)
+            weights, keep_head, stage_minutes = train_stages(cfg, method_cls, data, split, run)
+            start = time.perf_counter()
             trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
-                              on_validation=on_validation)
+                              on_validation=on_validation, warn=run.warn, on_progress=progress_writer(""))
             if resume_at is not None:
                 trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
                 run.set_info("resumed_from_step", trainer.step)
@@ -108,10 +116,28 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 raise RunStopped(f"run {run.id} stopped: cannot write to {where} ({e.strerror or e}); "
                                  f"{kept(run.dir, run.id)} once the directory is writable again") from None
             raise
+        # this run's own steps; its earlier stages' cost (cached or not) is reported beside it
         result["minutes"] = (time.perf_counter() - start) / 60
+        result["stage_minutes"] = stage_minutes
+        run.flush()  # cout.txt ends with the progress bar's final state, not the last checkpoint's
         return result
 
     return tracked_run(cfg, main, resume=resume_at, info=info, observers=observers)
+
+
+def progress_writer(stage: str):
+    """Where a study worker runs this process, a callback that keeps $SSVIT_PROGRESS_FILE
+    current (the study's display reads it); otherwise None."""
+    path = os.environ.get("SSVIT_PROGRESS_FILE")
+    if not path:
+        return None
+
+    def write(progress: dict) -> None:
+        try:
+            atomic_write_text(path, json.dumps({"stage": stage, **progress}))
+        except OSError:
+            pass  # the display is a convenience; the run goes on without it
+    return write
 
 
 def kept(run_dir: Path, run_id: str) -> str:
@@ -125,8 +151,9 @@ def kept(run_dir: Path, run_id: str) -> str:
 
 def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
     """Train (or reuse from the stage cache) the method's earlier stages, in order; returns the
-    last stage's weights and whether its classifier head carries over."""
-    weights, keep_head, previous = None, False, None
+    last stage's weights, whether its classifier head carries over, and the minutes the stages
+    took to train (when they were trained, by this run or an earlier one)."""
+    weights, keep_head, previous, minutes = None, False, None, 0.0
     stages_info = {}
     for stage in method_cls.stages:
         stage_cls = get_method(stage.method)
@@ -137,16 +164,21 @@ def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
 
         def train(stage_dir: Path) -> None:
             log = lambda name, value, step: run.log_scalar(f"{stage.name}.{name}", value, step)
-            trainer = Trainer(scfg, stage_cls, data, split, stage_dir, log=log, flush=run.flush)
+            trainer = Trainer(scfg, stage_cls, data, split, stage_dir, log=log, flush=run.flush,
+                              on_progress=progress_writer(stage.name))
             if trainer.ckpt_path.exists():  # an interrupted stage continues where it stopped
                 trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
             elif prior is not None:
                 trainer.init_from(prior, prior_keep_head)
+            start = time.perf_counter()
             result = trainer.run(progress=cfg["progress"])
+            result["minutes"] = (time.perf_counter() - start) / 60
             save_final(stage_dir, trainer.model, trainer.ema.model, scfg, result)
 
         weights, reused = run_stage(stage_dir, train)
         keep_head, previous = stage.keep_head, key
-        stages_info[stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused}
+        took = stage_result(stage_dir).get("minutes", 0.0)
+        minutes += took
+        stages_info[stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused, "minutes": took}
         run.set_info("stages", stages_info)
-    return weights, keep_head
+    return weights, keep_head, minutes

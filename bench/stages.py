@@ -1,11 +1,14 @@
 """Multi-stage methods: earlier stages are content-addressed and reused.
 
-A method declares `stages = (Stage("pretrain", "mae_pretrain", "pretrain_"), ...)`. Before the
-method's own training, each stage is trained with its own registered method on a config made of
-the run's core options, overridden by the run's options that carry the stage's prefix
-(`--pretrain-steps 800` -> the stage's `steps`). The stage's result is cached under
-`<results_dir>/stages/<hash>/` keyed by everything that determines it, so a sweep over
-fine-tuning knobs pretrains once. A stage killed mid-way resumes from its own checkpoint the next
+A method declares `stages = (Stage("pretrain", "mae_pretrain", "pretrain_", inherits=...), ...)`.
+Before the method's own training, each stage is trained with its own registered method on a
+config made of the run's core options in the groups the stage inherits (data, split, model, run
+mechanics; a fine-tuning stage also optimisation and views), the core defaults for the rest,
+overridden by the run's options that carry the stage's prefix (`--pretrain-steps 800` -> the
+stage's `steps`). MAE pretraining thus never picks up the fine-tuning recipe (layer decay,
+smoothing, mixing). The stage's result is cached under `<results_dir>/stages/<hash>/`, keyed by
+what the stage reads, so a sweep over fine-tuning knobs pretrains once and methods with the same
+pretraining share one encoder. A stage killed mid-way resumes from its own checkpoint the next
 time any run needs it; concurrent runs needing one stage wait for each other (file lock).
 """
 from __future__ import annotations
@@ -33,14 +36,18 @@ class Stage:
     method: str            # registered method trained in this stage
     prefix: str            # run options "<prefix>key" set the stage's "key"
     keep_head: bool = False  # carry the classifier head into the next stage (False after MAE)
+    # option groups (bench.config) taken from the run; the others start from the core defaults
+    inherits: tuple[str, ...] = ("data", "split", "model", "optim", "views", "run")
 
 
 def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any]:
-    """The stage's resolved config: the run's core options < the stage method's defaults <
-    the run's prefixed options."""
-    from bench.config import CORE_OPTIONS
-    scfg = {k: v for k, v in cfg.items() if k in CORE_OPTIONS}
-    scfg.update({k: opt.default for k, opt in method_cls.options.items()})
+    """The stage's resolved config: the run's core options of the groups the stage inherits
+    (the stage method's defaults for the others, and for its own options) < the run's prefixed
+    options."""
+    from bench.config import CORE_OPTIONS, defaults
+    base = defaults(method_cls)
+    scfg = {k: cfg[k] if opt.group in stage.inherits else base[k] for k, opt in CORE_OPTIONS.items()}
+    scfg.update({k: base[k] for k in method_cls.options})
     for key, value in cfg.items():
         if key.startswith(stage.prefix):
             name = key[len(stage.prefix):]
@@ -79,6 +86,14 @@ def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str,
 def save_final(stage_dir: Path, model: torch.nn.Module, ema_model: torch.nn.Module, scfg: dict, result: dict) -> None:
     checkpoint.save(stage_dir / "final.pt", {"model": model.state_dict(), "ema": ema_model.state_dict()})
     atomic_write_text(stage_dir / "stage.json", json.dumps({"config": scfg, "result": result}, indent=2, default=str))
+
+
+def stage_result(stage_dir: Path) -> dict[str, Any]:
+    """The recorded result of a trained stage ({} if it has none)."""
+    try:
+        return json.loads((stage_dir / "stage.json").read_text())["result"]
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: bool) -> None:

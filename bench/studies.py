@@ -69,6 +69,18 @@ class StudySpec:
         return [Cell(m, tuple(zip(self.axes, values)), v, s)
                 for m in self.methods for values in grid for v in variants for s in range(seeds)]
 
+    def params(self, cell: Cell, seeds: int) -> dict[str, tuple[Any, Any]]:
+        """The cell as Optuna parameters (value, distribution): method, every axis, the variant
+        and the seed, so that optuna-dashboard's plots read the grid."""
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+        out: dict[str, tuple[Any, Any]] = {"method": (cell.method, CategoricalDistribution(self.methods))}
+        for axis, value in cell.axes:
+            out[axis] = (value, CategoricalDistribution(self.axes[axis]["values"]))
+        if cell.variant is not None:
+            out["variant"] = (cell.variant, CategoricalDistribution(list(self.variants)))
+        out["seed"] = (cell.seed, IntDistribution(0, max(seeds - 1, cell.seed)))
+        return out
+
     def study_layer(self, cell: Cell) -> dict[str, Any]:
         """The options this cell sets (the `study` layer of the config)."""
         layer = dict(self.fixed)

@@ -10,6 +10,7 @@ import optuna
 from bench.config import DATASETS, synthetic_params
 from bench.data import load_dataset, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
+from bench.runner import check_feasible
 from bench.report import write_report
 from bench.studies import StudySpec, load_study
 from bench.sweep import Sweep, default_storage, open_storage, read_board
@@ -40,7 +41,12 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         cfgs = [spec.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
         cfg = cfgs[0]
         cache = prepare_cache_dir(cfg["cache_dir"])
-        load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
+        data = load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
+        for cell, cell_cfg in zip(cells, cfgs):  # a cell that cannot work stops the study before it starts
+            try:
+                check_feasible(cell_cfg, data, cache)
+            except UsageError as e:
+                raise UsageError(f"cell {cell.key}: {e}") from None
     prepare_runs_dir(results_dir)
     storage = args.storage or default_storage(results_dir)
     interrupted = None
@@ -52,7 +58,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             counts = sweep.run()
         except KeyboardInterrupt:
             counts = None
-        out = write_report(spec, sweep.study, cells, results_dir, dataset, preset)
+        out = write_report(spec, sweep.study, cells, results_dir, dataset, preset, args.report_dir)
         if counts is None:
             done = sum(read_board(sweep.study, sweep.grace).done(c.key) for c in cells)
             interrupted = (f"study {sweep.name} stopped with {done}/{len(cells)} cells done; running cells "
@@ -85,6 +91,6 @@ def report_study(args: argparse.Namespace) -> int:
         study = optuna.load_study(study_name=name, storage=storage)
         seeds = study.user_attrs.get("seeds")
         out = write_report(spec, study, spec.cells(seeds), results_dir, dataset,
-                           None if preset == "default" else preset)
+                           None if preset == "default" else preset, args.report_dir)
         print(f"report of {name}: {out}")
     return 0

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from bench.errors import UsageError
+from bench.provenance import redact
 from bench.runner import check_resumable, find_run_dir
 from bench.studies import Cell, StudySpec
 
@@ -78,16 +79,6 @@ def open_storage(url: str):
     except Exception as e:
         raise UsageError(f"cannot open --storage {redact(url)} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160]}); check the URL and that the server runs") from None
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and run records."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        if ":" in creds:
-            return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 def study_name(spec: StudySpec, dataset: str, preset: str | None) -> str:
@@ -142,6 +133,7 @@ class Sweep:
 
     def __post_init__(self) -> None:
         self.grace = 4 * self.heartbeat
+        self.seeds = len({c.seed for c in self.cells})
         self.name = study_name(self.spec, self.dataset, self.preset)
         self.study = optuna.create_study(study_name=self.name, storage=open_storage(self.storage_url),
                                          load_if_exists=True, direction="maximize")
@@ -151,6 +143,7 @@ class Sweep:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._procs: set[subprocess.Popen] = set()
+        self._running: dict[int, tuple[Cell, Path]] = {}  # worker slot -> its cell, progress file
         self._sigints = 0
         self.failed: list[str] = []
 
@@ -160,9 +153,12 @@ class Sweep:
         self.log(f"study {self.name}: {len(self.cells)} cells, {done} already done; "
                  f"storage {redact(self.storage_url)}")
         gpus = _visible_gpus()
-        threads = [threading.Thread(target=self._worker, args=(gpus[i % len(gpus)] if gpus else None,),
+        threads = [threading.Thread(target=self._worker, args=(i, gpus[i % len(gpus)] if gpus else None),
                                     daemon=True) for i in range(self.workers)]
         bar = tqdm(total=len(self.cells), initial=done, desc=self.spec.name, unit="cell", disable=not self.progress)
+        cell_bars = [tqdm(total=1, position=i + 1, leave=False, disable=not self.progress,
+                          bar_format="  {desc} {percentage:3.0f}%|{bar:20}| {n}/{total} {postfix}")
+                     for i in range(self.workers)]
         # Ctrl-C only counts presses: a KeyboardInterrupt raised inside a storage call could leave
         # the journal's lock behind, and a signal handler must not take locks.
         previous = signal.signal(signal.SIGINT, self._count_sigint)
@@ -176,11 +172,14 @@ class Sweep:
                     polled = time.monotonic()
                     now_done = sum(read_board(self.study, self.grace).done(c.key) for c in self.cells)
                     bar.update(now_done - bar.n)
+                    self._show_running(cell_bars)
             if self._sigints:
                 self._stop_runs(threads)
                 raise KeyboardInterrupt
         finally:
             signal.signal(signal.SIGINT, previous)
+            for b in cell_bars:
+                b.close()
             bar.close()
         board = read_board(self.study, self.grace)
         return {"cells": len(self.cells), "done": sum(board.done(c.key) for c in self.cells),
@@ -203,7 +202,32 @@ class Sweep:
             time.sleep(0.1)
 
     # -- one worker --------------------------------------------------------------------------
-    def _worker(self, gpu: str | None) -> None:
+    def _show_running(self, bars: list) -> None:
+        """Each worker's running cell: its stage, step, validation accuracy and ETA, as the run
+        reports them in its progress file."""
+        for slot, b in enumerate(bars):
+            with self._lock:
+                running = self._running.get(slot)
+            if running is None:
+                b.set_description_str("idle", refresh=False)
+                b.reset(total=1)
+                continue
+            cell, path = running
+            try:
+                p = json.loads(path.read_text())
+            except (OSError, ValueError):
+                p = {"stage": "starting", "step": 0, "steps": 1}
+            b.total, b.n = max(int(p["steps"]), 1), int(p["step"])
+            b.set_description_str(f"{cell.key}{' [' + p['stage'] + ']' if p.get('stage') else ''}", refresh=False)
+            postfix = {}
+            if p.get("val_acc") is not None:
+                postfix["val"] = f"{p['val_acc']:.1f}"
+            if p.get("eta_s") is not None:
+                postfix["eta"] = tqdm.format_interval(p["eta_s"])
+            b.set_postfix(postfix, refresh=False)
+            b.refresh()
+
+    def _worker(self, slot: int, gpu: str | None) -> None:
         while not self._stop.is_set():
             claimed = self._claim()
             if claimed is None:
@@ -212,7 +236,7 @@ class Sweep:
                 time.sleep(min(self.heartbeat, 2.0) * (0.5 + random.random()))
                 continue
             cell, trial = claimed
-            self._run_trial(cell, trial, gpu)
+            self._run_trial(cell, trial, gpu, slot)
 
     def _claim(self):
         """(cell, trial) claimed for this worker, "wait" while others hold the remaining cells,
@@ -232,20 +256,27 @@ class Sweep:
         trial.set_user_attr("cell", cell.key)
         after = read_board(self.study, self.grace)
         if after.busy(cell.key, mine=trial.number) or after.done(cell.key):
-            self._finish(trial, TrialState.PRUNED, reason="claim collision: another worker has this cell")
+            # A withdrawn claim carries no parameters and no value: nothing a dashboard plots.
+            storage.set_trial_user_attr(trial._trial_id, "withdrawn", True)
+            self._finish(trial, TrialState.FAIL, reason="claim withdrawn: another worker has this cell")
             return "wait"
+        try:
+            for name, (value, distribution) in self.spec.params(cell, self.seeds).items():
+                storage.set_trial_param(trial._trial_id, name, distribution.to_internal_repr(value), distribution)
+        except ValueError:  # the study file's grid changed since earlier trials: params stay in user attrs
+            pass
         with self._lock:
             self._attempted.add(cell.key)
         return cell, trial
 
-    def _run_trial(self, cell: Cell, trial: optuna.Trial, gpu: str | None) -> None:
+    def _run_trial(self, cell: Cell, trial: optuna.Trial, gpu: str | None, slot: int = 0) -> None:
         cfg_layer = {**self.spec.study_layer(cell), "dataset": self.dataset}
         for k, v in {"method": cell.method, "seed": cell.seed, "variant": cell.variant, "dataset": self.dataset,
                      "preset": self.preset or "", **{f"axis.{a}": v for a, v in cell.axes}}.items():
             trial.set_user_attr(k, v)
         resume = self._resumable_run(cell)
         with tempfile.TemporaryDirectory() as tmp:
-            id_file = Path(tmp) / "run_id"
+            id_file, progress_file = Path(tmp) / "run_id", Path(tmp) / "progress.json"
             cmd = [sys.executable, "-m", "bench.cli", "run", cell.method, "--study-layer", json.dumps(cfg_layer),
                    "--results-dir", str(self.results_dir), "--no-progress"]
             if self.preset:
@@ -256,7 +287,8 @@ class Sweep:
                 cmd += ["--set", f"{k}={v}"]
             if resume:
                 cmd += ["--resume", resume]
-            env = dict(os.environ, SSVIT_RUN_ID_FILE=str(id_file), PYTHONUNBUFFERED="1",
+            env = dict(os.environ, SSVIT_RUN_ID_FILE=str(id_file), SSVIT_PROGRESS_FILE=str(progress_file),
+                       PYTHONUNBUFFERED="1",
                        SSVIT_TRIAL=json.dumps({"study": self.name, "trial": trial.number,
                                                "storage": redact(self.storage_url), "cell": cell.key}))
             if gpu is not None:
@@ -269,12 +301,14 @@ class Sweep:
                     preexec_fn=_die_with_parent, start_new_session=True)
                 if proc is not None:
                     self._procs.add(proc)
+                    self._running[slot] = (cell, progress_file)
             if proc is None:
                 self._finish(trial, TrialState.FAIL, reason="interrupted (Ctrl-C) before it started")
                 return
             stderr = self._wait(proc, trial, id_file)
             with self._lock:
                 self._procs.discard(proc)
+                self._running.pop(slot, None)
             run_id = id_file.read_text().strip() if id_file.exists() else None
         if run_id:
             trial.set_user_attr("run_id", run_id)

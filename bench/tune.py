@@ -8,32 +8,35 @@ best parameters are printed and written as a preset file that `bench run --prese
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
 
-from bench.config import all_options, load_preset, method_layer, resolve
+from bench.config import all_options, load_preset, method_layer, resolve, synthetic_params
 from bench.errors import NonFiniteLoss, UsageError
 from bench.io import atomic_write_text
 from bench.method import get_method
-from bench.sweep import default_storage, open_storage, redact
+from bench.provenance import redact
+from bench.sweep import default_storage, open_storage
 from bench.tracking import prepare_runs_dir
 
 # name: (low, high, log) for floats; lists are categorical choices. Only the options a method
-# has are searched.
+# has are searched; label smoothing only where no confidence threshold depends on it.
 DEFAULT_SPACE: dict[str, Any] = {
     "lr": (1e-4, 3e-3, True), "weight_decay": (0.005, 0.3, True), "label_smoothing": (0.0, 0.2, False),
-    "ema_decay": (0.99, 0.9999, True), "tau": (0.5, 0.98, False), "lambda_u": (0.5, 5.0, True),
+    "ema_decay": (0.99, 0.9999, True), "tau": (0.5, 0.95, False), "lambda_u": (0.5, 5.0, True),
     "mask_ratio": (0.5, 0.9, False), "lambda_rec": (0.1, 2.0, True), "confidence": (0.7, 0.99, False),
     "gate_threshold": (40.0, 90.0, False), "pretrain_mask_ratio": (0.5, 0.9, False),
 }
 
 
-def load_space(path: str | None, options: dict) -> dict[str, Any]:
+def load_space(path: str | None, options: dict, method_cls=None) -> dict[str, Any]:
     if path is None:
-        return {k: v for k, v in DEFAULT_SPACE.items() if k in options}
+        skip = {"label_smoothing"} if method_cls is not None and method_cls.pseudo_labels else set()
+        return {k: v for k, v in DEFAULT_SPACE.items() if k in options and k not in skip}
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -65,18 +68,49 @@ def suggest(trial: optuna.Trial, space: dict[str, Any], options: dict) -> dict[s
     return params
 
 
+def corners(space: dict[str, Any], options: dict) -> list[dict[str, Any]]:
+    """Every combination of each range's ends and each list's choices."""
+    axes = []
+    for name, spec in space.items():
+        ends = spec if isinstance(spec, list) else [spec[0], spec[1]]
+        if not isinstance(spec, list) and options[name].kind is int:
+            ends = [int(e) for e in ends]
+        axes.append([(name, v) for v in ends])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def check_space(method_cls, base: dict[str, Any], space: dict[str, Any], options: dict, preset: str | None,
+                cli: dict[str, Any]) -> None:
+    """Every trial must be able to work: the space's corners (where thresholds, smoothing and
+    schedules are at their extremes) are checked like a run, before any trial starts."""
+    from bench.data import load_dataset, prepare_cache_dir
+    from bench.runner import check_feasible
+    cache = prepare_cache_dir(base["cache_dir"])
+    data = load_dataset(base["dataset"], base["data"], cache, synthetic=synthetic_params(base),
+                        progress=base["progress"])
+    check_feasible(base, data, cache)
+    for corner in corners(space, options)[:4096]:
+        try:
+            check_feasible(resolve(method_cls, preset=preset, study=corner, cli=cli), data, cache)
+        except UsageError as e:
+            where = ", ".join(f"{k}={v}" for k, v in corner.items())
+            raise UsageError(f"the search space reaches configs that cannot work ({where}): {e}; narrow "
+                             f"the space with --space") from None
+
+
 def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from bench.runner import execute
     method_cls = get_method(args.method)
     options = all_options(method_cls)
-    space = load_space(args.space, options)
+    space = load_space(args.space, options, method_cls)
     if not space:
         raise UsageError(f"nothing to search for {method_cls.name}; pass --space FILE")
     if args.trials < 1:
         raise UsageError("--trials must be >= 1")
     cli = {**overrides, "dataset": args.dataset, "results_dir": args.results_dir, "progress": args.progress,
            **({"data": args.data} if args.data else {})}
-    resolve(method_cls, preset=args.preset, cli=cli)  # reject bad input before anything is written
+    base = resolve(method_cls, preset=args.preset, cli=cli)  # reject bad input before anything is written
+    check_space(method_cls, base, space, options, args.preset, cli)
     prepare_runs_dir(args.results_dir)
     url = args.storage or default_storage(args.results_dir)
     name = f"tune:{method_cls.name}:{args.dataset}:{args.preset or 'default'}"
@@ -115,5 +149,5 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     for k, v in best.params.items():
         print(f"  {k}: {v}")
     print(f"preset written to {out}; use it with `bench run {method_cls.name} --preset {out}`")
-    print(f"browse the search: optuna-dashboard {url}")
+    print(f"browse the search: optuna-dashboard {redact(url)}")
     return 0

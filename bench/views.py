@@ -7,7 +7,10 @@ All randomness comes from the run's seeded generator: no per-image Python, same 
 
 - eval:   resize only.
 - weak:   random translation by up to `pad_frac` of the side (= reflect-pad + random crop) + flip.
-- strong: weak + `randaug_ops` RandAugment ops at random strength up to `randaug_mag`/10 + Cutout.
+- strong: weak + `randaug_ops` RandAugment ops, each applied with probability `randaug_prob` at a
+          random strength up to `randaug_mag`/10, + Cutout (FixMatch's RandAugmentMC).
+Geometric ops fill from mirrored borders rather than a constant grey: the whole view stays one
+resampling pass, and mirrored content keeps the image statistics the weak view has.
 - mae:    random resized crop (scale `mae_scale`, ratio 3/4..4/3) + flip, as in MAE pretraining.
 """
 from __future__ import annotations
@@ -34,12 +37,14 @@ MAX_ENHANCE = 0.9     # brightness/contrast/colour/sharpness factor 1 +- this
 class Views:
     def __init__(self, out_size: int, generator: torch.Generator, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  pad_frac: float = 0.125, randaug_ops: int = 2, randaug_mag: float = 10.0,
-                 cutout_frac: float = 0.5, mae_scale: tuple[float, float] = (0.2, 1.0)):
+                 randaug_prob: float = 0.5, cutout_frac: float = 0.5,
+                 mae_scale: tuple[float, float] = (0.2, 1.0)):
         self.out_size = out_size
         self.generator = generator
         self.pad_frac = pad_frac
         self.randaug_ops = randaug_ops
         self.randaug_mag = randaug_mag
+        self.randaug_prob = randaug_prob
         self.cutout_frac = cutout_frac
         self.mae_scale = mae_scale
         dev = generator.device
@@ -64,6 +69,8 @@ class Views:
         img = _to_float(x)
         for _ in range(self.randaug_ops):
             op = torch.randint(len(OPS), (n,), generator=self.generator, device=dev)
+            skipped = self._uniform(n, dev) >= self.randaug_prob
+            op = torch.where(skipped, OPS.index("identity"), op)
             strength = self._uniform(n, dev) * (self.randaug_mag / 10)
             sign = torch.where(self._uniform(n, dev) < 0.5, -1.0, 1.0)
             theta = theta @ _geometric(op, strength * sign)

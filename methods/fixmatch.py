@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.errors import UsageError
 from bench.method import Batch, Method, register
 from bench.options import Option, positive, unit_closed
-from bench.pseudo import PseudoLabels, admission_logs, threshold
+from bench.pseudo import PseudoLabels, admission_logs, confidence_cap, threshold
 
 
 def unlabeled_options(tau: float, mu: float, lambda_u: float, teacher: str) -> dict[str, Option]:
@@ -30,7 +31,22 @@ def unlabeled_options(tau: float, mu: float, lambda_u: float, teacher: str) -> d
 class FixMatch(Method):
     description = "FixMatch: confident weak-view pseudo-labels train the strong view"
     options = unlabeled_options(tau=0.95, mu=7.0, lambda_u=1.0, teacher="online")
+    # The paper's supervised branch: plain cross-entropy on weak views. Smoothing would cap the
+    # teacher's confidence below tau, and mixing lowers it on clean images.
+    recipe = {"label_smoothing": 0.0, "labeled_view": "weak", "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
     uses_unlabeled = True
+    pseudo_labels = True
+
+    @classmethod
+    def check(cls, cfg, num_classes, split) -> None:
+        super().check(cfg, num_classes, split)
+        s, tau = cfg["label_smoothing"], cfg["tau"]
+        cap = confidence_cap(s, num_classes)
+        if cap < tau:
+            raise UsageError(f"{cls.name}: --label-smoothing {s} caps the teacher's confidence at {cap:.3f} on "
+                             f"{num_classes} classes, below --tau {tau}, so no pseudo-label can be admitted; "
+                             f"lower --label-smoothing to <= {(1 - tau) / (1 - 1 / num_classes):.4f} or --tau "
+                             f"to <= {cap:.3f}")
 
     def pseudo_label(self, x_weak: Tensor, y_true: Tensor | None) -> tuple[PseudoLabels, dict[str, Tensor]]:
         pl = threshold(self.teacher_probs(x_weak, self.cfg["teacher"]), self.cfg["tau"])

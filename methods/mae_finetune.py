@@ -14,4 +14,7 @@ from methods.supervised import Supervised
 class MAEFinetune(Supervised):
     description = "MAE pretraining on all images, then supervised fine-tuning"
     options = pretrain_options()
+    # MAE's fine-tuning recipe (FINETUNE.md): smoothing 0.1, mixup 0.8 / cutmix 1.0, RandAugment,
+    # layer decay 0.65.
+    recipe = {**Supervised.recipe, "layer_decay": 0.65}
     stages = (PRETRAIN_STAGE,)

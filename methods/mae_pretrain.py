@@ -17,6 +17,7 @@ from bench.stages import Stage
 class MAEPretrain(Method):
     description = "MAE pretraining on all training images (a stage of mae_finetune, semi_vit)"
     options = {"mask_ratio": Option(0.75, "fraction of patches removed", **unit_open())}
+    recipe = {"drop_path": 0.0, "beta2": 0.95}  # MAE pretraining: no stochastic depth, betas (0.9, 0.95)
     uses_labeled = False
     uses_unlabeled = True
     unlabeled_source = "all"
@@ -27,11 +28,13 @@ class MAEPretrain(Method):
         return self.cfg["batch_size"]
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, _, _ = self.model.forward_mae(self.views.mae(batch.x_u), self.cfg["mask_ratio"])
+        loss, _, _ = self.model.forward_mae(self.views.mae(batch.x_u), self.cfg["mask_ratio"], self.generator)
         return loss, {"loss_rec": loss.detach()}
 
 
-PRETRAIN_STAGE = Stage("pretrain", "mae_pretrain", "pretrain_")
+# Pretraining inherits data, split, architecture and run mechanics from the run, never its
+# fine-tuning recipe: MAE pretrains without layer decay, smoothing or mixing.
+PRETRAIN_STAGE = Stage("pretrain", "mae_pretrain", "pretrain_", inherits=("data", "split", "model", "run"))
 
 
 def pretrain_options(steps: int = 5000) -> dict[str, Option]:

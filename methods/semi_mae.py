@@ -25,6 +25,7 @@ class SemiMAE(FixMatch):
         "mae_input": Option("weak_unlabeled", "images the MAE branch reconstructs",
                             choices=("weak_unlabeled", "weak_all", "strong")),
     }
+    recipe = FixMatch.recipe  # METHODS.md 1.3: the FixMatch branch, plain CE on weak labeled views
     uses_decoder = True
 
     def mae_input(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> Tensor:
@@ -41,7 +42,8 @@ class SemiMAE(FixMatch):
         pl, logs = self.pseudo_label(x_weak, batch.y_u)
         loss_sup = self.supervised_loss(batch.x_l, batch.y_l)
         loss_unsup = self.unlabeled_loss(x_strong, pl)
-        loss_rec, _, _ = self.model.forward_mae(self.mae_input(batch, x_weak, x_strong), cfg["mask_ratio"])
+        loss_rec, _, _ = self.model.forward_mae(self.mae_input(batch, x_weak, x_strong), cfg["mask_ratio"],
+                                               self.generator)
         loss = loss_sup + cfg["lambda_u"] * loss_unsup + cfg["lambda_rec"] * loss_rec
         return loss, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(),
                       "loss_rec": loss_rec.detach(), **logs}

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.errors import UsageError
 from bench.method import Batch, Method, register
 from bench.options import Option, non_negative, positive, unit_closed, unit_open
-from bench.pseudo import PseudoLabelMemory, ValidationGate, admission_logs, agreeing, threshold
+from bench.pseudo import PseudoLabelMemory, ValidationGate, admission_logs, agreeing, confidence_cap, threshold
 
 
 @register("ssmae")
@@ -33,6 +34,10 @@ class SSMAE(Method):
         "gate_threshold": Option(70.0, "high-confidence accuracy (%) that opens the gate",
                                  check=lambda v: 0 <= v <= 100, check_msg="in [0, 100]"),
         "gate_warmup_steps": Option(3120, "steps of supervised + MAE only before the gate is read", **non_negative()),
+        "gate_every": Option(0, "steps between gate decisions on validation (paper: every epoch); 0 = at "
+                             "every evaluation", **non_negative()),
+        "gate_min_confident": Option(10, "confident images the gate's split must hold before its "
+                                     "high-confidence accuracy counts", **positive()),
         "gate": Option(True, "use the gate (off: pseudo-labelling from step 0)"),
         "gate_split": Option("val", "split the gate reads: validation, or the labeled-train split "
                              "(no extra labels)", choices=("val", "labeled")),
@@ -43,14 +48,43 @@ class SSMAE(Method):
         "lambda_cls": Option(1.0, "weight of the classification loss", type=float, **non_negative()),
         "mae_view": Option("weak", "augmentation of the MAE branch's images", choices=("weak", "mae", "strong")),
     }
+    # The reference's labeled branch: plain CE (no smoothing, no mixing) on lightly augmented
+    # views; smoothing would cap confidence below c and keep the gate shut.
+    recipe = {"label_smoothing": 0.0, "labeled_view": "weak", "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
     uses_unlabeled = True
     uses_decoder = True
+    pseudo_labels = True
+
+    @classmethod
+    def check(cls, cfg, num_classes, split) -> None:
+        super().check(cfg, num_classes, split)
+        s, c = cfg["label_smoothing"], cfg["confidence"]
+        cap = confidence_cap(s, num_classes)
+        if cap <= c:
+            raise UsageError(f"ssmae: --label-smoothing {s} caps confidence at {cap:.3f} on {num_classes} classes, "
+                             f"not above --confidence {c}, so no pseudo-label can be admitted and the gate "
+                             f"cannot open; lower --label-smoothing (0 in the paper) or --confidence")
+        if not cfg["gate"]:
+            return
+        first = min(-(-cfg["gate_warmup_steps"] // every) * every
+                    for every in (cfg["eval_every"], cfg["gate_every"]) if every > 0)
+        if first >= cfg["steps"]:
+            raise UsageError(f"ssmae: the gate is first read at step {first} (--gate-warmup-steps "
+                             f"{cfg['gate_warmup_steps']}, --gate-every {cfg['gate_every']}, --eval-every "
+                             f"{cfg['eval_every']}) but the run ends at --steps {cfg['steps']}, so it never opens; "
+                             f"lower --gate-warmup-steps or raise --steps")
+        n = len(split.val) if cfg["gate_split"] == "val" else len(split.labeled)
+        if n < cfg["gate_min_confident"]:
+            raise UsageError(f"ssmae: the gate needs --gate-min-confident {cfg['gate_min_confident']} confident "
+                             f"images but its split (--gate-split {cfg['gate_split']}) holds only {n}; lower "
+                             f"--gate-min-confident or enlarge the split")
 
     def setup(self) -> None:
         cfg = self.cfg
         self.memory = PseudoLabelMemory(len(self.data.x), self.data.x.device)
         self.gate = ValidationGate(cfg["gate_threshold"], cfg["confidence"], cfg["gate_warmup_steps"],
-                                   always_open=not cfg["gate"])
+                                   min_confident=cfg["gate_min_confident"], always_open=not cfg["gate"])
+        self.memory_used = False  # host-side: the memory can hold labels only once the gate has opened
 
     def admit(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> dict[str, Tensor]:
         """Score the unlabeled batch on both views (one no-grad pass) and update the memory."""
@@ -72,17 +106,21 @@ class SSMAE(Method):
         logs: dict[str, Tensor] = {}
         if self.gate.is_open:  # the teacher passes are skipped while the gate is closed
             logs.update(self.admit(batch, x_weak, self.views.strong(batch.x_u)))
+            self.memory_used = True
         pseudo = self.memory.lookup(batch.idx_u)
         used = pseudo >= 0
         # One CE over labeled + admitted unlabeled images: a pseudo-labeled image weighs as a labeled one.
         x_l = self.views.labeled(batch.x_l, cfg["labeled_view"])
-        logits = self.model(torch.cat([x_l, x_weak])).float()
-        targets = torch.cat([batch.y_l, pseudo.clamp(min=0)])
-        weights = torch.cat([torch.ones_like(batch.y_l, dtype=torch.float), used.float()])
+        if self.memory_used:
+            logits = self.model(torch.cat([x_l, x_weak])).float()
+            targets = torch.cat([batch.y_l, pseudo.clamp(min=0)])
+            weights = torch.cat([torch.ones_like(batch.y_l, dtype=torch.float), used.float()])
+        else:  # before the gate first opens every unlabeled weight is 0: those images are not forwarded
+            logits, targets, weights = self.model(x_l).float(), batch.y_l, torch.ones_like(batch.y_l, dtype=torch.float)
         ce = F.cross_entropy(logits, targets, reduction="none", label_smoothing=cfg["label_smoothing"])
         loss_cls = (ce * weights).sum() / weights.sum()
         x_mae = self.views.labeled(torch.cat([batch.x_l, batch.x_u]), cfg["mae_view"])
-        loss_rec, _, _ = self.model.forward_mae(x_mae, cfg["mask_ratio"])
+        loss_rec, _, _ = self.model.forward_mae(x_mae, cfg["mask_ratio"], self.generator)
         loss = cfg["lambda_rec"] * loss_rec + cfg["lambda_cls"] * loss_cls
         correct = ((pseudo == batch.y_u) & used).float().sum()
         logs.update({"loss_cls": loss_cls.detach(), "loss_rec": loss_rec.detach(),
@@ -93,15 +131,21 @@ class SSMAE(Method):
         source = val["raw"] if self.cfg["gate_split"] == "val" else self.evaluate_indices(self.data.labeled)
         self.gate.update(source, step)
         return {"gate.open": float(self.gate.is_open), "gate.hc_acc": self.gate.last_hc_acc,
-                "gate.hc_share": self.gate.last_hc_share, "memory.size": float(len(self.memory)),
-                "mask_ratio": self.cfg["mask_ratio"]}
+                "gate.hc_count": float(self.gate.last_hc_count), "memory.size": float(len(self.memory))}
+
+    def validation_every(self) -> int | None:
+        return self.cfg["gate_every"] or None
+
+    def status(self) -> dict[str, str]:
+        return {"gate": "open" if self.gate.is_open else "shut", "mem": str(len(self.memory))}
 
     def steady_state(self) -> None:
         self.gate.is_open = True  # the teacher passes run on every step of a long run
 
     def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(), "gate": self.gate.state_dict()}
+        return {"memory": self.memory.state_dict(), "gate": self.gate.state_dict(), "memory_used": self.memory_used}
 
     def load_state_dict(self, state: dict) -> None:
         self.memory.load_state_dict(state["memory"])
         self.gate.load_state_dict(state["gate"])
+        self.memory_used = state["memory_used"]

@@ -14,6 +14,8 @@ from bench.method import Batch, Method, register
 @register("supervised")
 class Supervised(Method):
     description = "supervised ViT on the labeled split only"
+    # METHODS.md 4.1, the tuned small-image baseline: DeiT-style regularisation.
+    recipe = {"label_smoothing": 0.1, "labeled_view": "strong", "mixup_alpha": 0.8, "cutmix_alpha": 1.0}
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.supervised_loss(batch.x_l, batch.y_l)

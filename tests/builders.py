@@ -70,3 +70,19 @@ def write_image_folder(root, classes=("b_cls", "a_cls", "c_cls"), per_class=(4, 
                 Image.fromarray(img).save(root / split / c / f"{i:03d}.png")
                 expected[(split, c, i)] = img
     return expected
+
+
+def real_cifar10_subset(source, dest, classes, train_per_class, test_per_class):
+    """An image-folder tarball of the first images of `classes` in the real CIFAR-10 JPEG copy:
+    real photographs, in the layout `--dataset imagefolder` reads, small enough for CI."""
+    want = {("train", c): train_per_class for c in classes} | {("test", c): test_per_class for c in classes}
+    with tarfile.open(source, "r:gz") as src, tarfile.open(dest, "w") as out:
+        for member in src:
+            parts = member.name.split("/")
+            key = tuple(parts[-3:-1])
+            if member.isfile() and want.get(key, 0) > 0:
+                want[key] -= 1
+                out.addfile(member, src.extractfile(member))
+            if not any(want.values()):
+                break
+    return dest

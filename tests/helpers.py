@@ -58,3 +58,22 @@ def curves(run_dir: Path, skip=("train.img_per_s",)) -> dict:
     """metrics.json without wall-clock series (timestamps, throughput)."""
     metrics = load_json(run_dir / "metrics.json")
     return {k: (v["steps"], v["values"]) for k, v in metrics.items() if k not in skip and not k.endswith("img_per_s")}
+
+
+def run_cli(args, tmp_path, capsys, monkeypatch):
+    """The real CLI entry point in this process: (exit code, non-empty stderr lines, stderr)."""
+    from bench.cli import main
+    monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    return code, lines, err
+
+
+def assert_rejected(code, lines, err, words, results):
+    """Bad input: exit 2, one line naming the problem, no traceback, nothing under `results`."""
+    assert code == 2, err
+    assert len(lines) == 1 and words in lines[0], err
+    assert "Traceback" not in err
+    assert not results.exists() or not any(results.rglob("*")), "bad input wrote results"

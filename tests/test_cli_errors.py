@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.cli import main
 from bench.config import CORE_OPTIONS, all_options
 from bench.method import get_method, method_names
 from builders import build_cifar10, write_image_folder
+from helpers import assert_rejected, run_cli
 
 # Free-text options: a bad value and the words the error must contain.
 FREE_TEXT = {
@@ -34,6 +34,8 @@ def invalid_values(key, opt):
     if opt.kind is bool:
         return [("maybe", f"{flag}: 'maybe' is not a valid bool")]
     cases = [("abc", f"{flag}: 'abc' is not a valid {opt.kind.__name__}")]
+    if opt.kind is float:
+        cases += [("inf", f"{flag}: inf is not a finite number"), ("nan", f"{flag}: nan is not a finite number")]
     if opt.check is not None:
         cases.append(("-1", f"{flag}: -1"))
     return cases
@@ -48,22 +50,6 @@ def option_cases():
             seen.add(key)
             for value, words in invalid_values(key, opt):
                 yield pytest.param(method, key, value, words, id=f"{method}-{key}={value}")
-
-
-def run_cli(args, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)
-    code = main(args)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    return code, lines, err
-
-
-def assert_rejected(code, lines, err, words, results):
-    assert code == 2, err
-    assert len(lines) == 1 and words in lines[0], err
-    assert "Traceback" not in err
-    assert not results.exists() or not any(results.rglob("*")), "bad input wrote results"
 
 
 @pytest.mark.parametrize("method, key, value, words", list(option_cases()))

@@ -28,14 +28,19 @@ UNWRITABLE = {
     "disk full": ("mount -t tmpfs -o size=24m tmpfs \"$R\"",
                   "dd if=/dev/zero of=\"$R/filler\" bs=1M 2>/dev/null || true"),
 }
+STEPS = 100
+# The run is paused (SIGSTOP) from its first checkpoint until the fault is in place, so the
+# fault lands mid-run however loaded the machine is: no race against the clock.
 SCRIPT = """
 set -u
 {mount}
-"$PY" -m bench.cli run supervised --preset smoke --steps 5000 --ckpt-every 20 --eval-every 20 \\
+"$PY" -m bench.cli run supervised --preset smoke --steps {steps} --ckpt-every 20 --eval-every 20 \\
     --no-progress --results-dir "$R" > "$OUT/stdout" 2> "$OUT/stderr" &
 pid=$!
 while [ ! -f "$R/runs/1/checkpoint.pt" ]; do kill -0 $pid 2>/dev/null || break; sleep 0.05; done
+kill -STOP $pid
 {break_it}
+kill -CONT $pid
 wait $pid
 echo $? > "$OUT/rc"
 rm -f "$R/filler"
@@ -75,7 +80,7 @@ cp -a "$R/." "$OUT/results/"
 @pytest.mark.parametrize("fault", UNWRITABLE)
 def test_results_directory_turning_unwritable_mid_run_keeps_its_checkpoint(tmp_path, fault):
     mount, break_it = UNWRITABLE[fault]
-    out = in_mount_namespace(tmp_path, SCRIPT.format(mount=mount, break_it=break_it))
+    out = in_mount_namespace(tmp_path, SCRIPT.format(mount=mount, break_it=break_it, steps=STEPS))
     stderr = (out / "stderr").read_text().strip().splitlines()
     assert (out / "rc").read_text().strip() == "1", stderr
     assert len(stderr) == 1 and "Traceback" not in stderr[0], stderr  # one line, no traceback storm
@@ -84,11 +89,11 @@ def test_results_directory_turning_unwritable_mid_run_keeps_its_checkpoint(tmp_p
 
     run = out / "results" / "runs" / "1"
     kept = checkpoint.load(run / "checkpoint.pt")  # intact and loadable, never half-written
-    assert 20 <= kept["step"] < 5000 and kept["step"] % 20 == 0
+    assert 20 <= kept["step"] < STEPS and kept["step"] % 20 == 0
     assert f"its checkpoint at step {kept['step']} is kept; continue with `--resume 1`" in stderr[0]
     assert not list(run.glob(".*.tmp"))  # no temporary left behind
 
-    resumed = bench(["run", "supervised", "--preset", "smoke", "--steps", "5000", "--ckpt-every", "20",
+    resumed = bench(["run", "supervised", "--preset", "smoke", "--steps", str(STEPS), "--ckpt-every", "20",
                      "--eval-every", "20", "--no-progress", "--results-dir", str(out / "results"),
                      "--resume", "1"], tmp_path / "cache", timeout=600)
     assert resumed.returncode == 0, resumed.stderr

@@ -55,7 +55,7 @@ def test_semi_mae_branch_sees_the_configured_view(data, tmp_path):
     t.cfg["mae_input"] = "strong"
     assert t.method.mae_input(batch, xw, xs) is xs
     # the configured mask ratio is the one the branch applies
-    _, _, mask = t.model.forward_mae(xw, 0.6)
+    _, _, mask = t.model.forward_mae(xw, 0.6, t.generator)
     L = mask.shape[1]
     assert torch.all(mask.sum(1) == L - int(L * (1 - 0.6)))
 

@@ -1,11 +1,13 @@
 """End-to-end `bench run`: Sacred store contents, resume equivalence, CLI errors."""
+import re
 import signal
 import time
 
 import pytest
 import torch
 
-from helpers import SHARED_CIFAR10, bench, curves, kill, load_json, run_dirs, start_bench, wait_for
+from helpers import (SHARED_CIFAR10, assert_rejected, bench, curves, kill, load_json, run_cli, run_dirs,
+                     start_bench, wait_for)
 
 SMOKE = ["--dataset", "synthetic", "--preset", "smoke", "--no-progress"]
 
@@ -137,14 +139,11 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
     (["run", "supervised", "--resume", "7"], "--resume 7"),
     (["frobnicate"], "unknown command"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch, args, message):
     results = tmp_path / "results"
-    out = bench([*args, "--results-dir", str(results)] if args[0] == "run" and len(args) > 1 else args,
-                tmp_path / "cache", cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
-    assert "Traceback" not in out.stderr
+    code, lines, err = run_cli([*args, "--results-dir", str(results)] if args[0] == "run" and len(args) > 1 else args,
+                               tmp_path, capsys, monkeypatch)
+    assert_rejected(code, lines, err, message, results)
     assert not results.exists()
 
 
@@ -156,10 +155,31 @@ def test_list_shows_methods_datasets_presets(tmp_path):
         assert word in out.stdout
 
 
-def test_help_on_every_command(tmp_path):
-    for args in (["--help"], ["run", "--help"], ["run", "supervised", "--help"], ["list", "--help"]):
-        out = bench(args, tmp_path)
-        assert out.returncode == 0 and "usage" in out.stdout.lower(), args
+COMMAND_HELP = [["--help"], ["run", "--help"], ["run", "supervised", "--help"], ["list", "--help"],
+                ["study", "--help"], ["report", "--help"], ["tune", "--help"], ["speed", "--help"]]
+
+
+def undocumented(help_text: str) -> list[str]:
+    """Arguments that argparse lists without a description (on their line or the next)."""
+    lines = help_text.splitlines()
+    bare = []
+    for i, line in enumerate(lines):
+        if re.match(r"^  \S", line) and len(re.split(r"\s{2,}", line.strip(), maxsplit=1)) == 1:
+            if not (i + 1 < len(lines) and re.match(r"^\s{16,}\S", lines[i + 1])):
+                bare.append(line.strip())
+    return bare
+
+
+@pytest.mark.parametrize("args", COMMAND_HELP, ids=" ".join)
+def test_help_on_every_command_explains_every_argument(capsys, args):
+    from bench.cli import main
+    try:
+        code = main(args)
+    except SystemExit as done:  # argparse's --help exits
+        code = done.code
+    out = capsys.readouterr().out
+    assert code in (0, None) and "usage" in out.lower(), args
+    assert undocumented(out) == [], out
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="real CIFAR-10 copy not present")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench.speed import Workload, verdict
-from helpers import bench
+from helpers import assert_rejected, bench, run_cli
 
 
 def test_speed_runs_on_cpu_and_writes_its_table(tmp_path):
@@ -15,7 +15,9 @@ def test_speed_runs_on_cpu_and_writes_its_table(tmp_path):
     rows = json.loads((tmp_path / "speed" / "speed-smoke-cpu.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["supervised", "fixmatch"]
     for r in rows:
-        assert r["img_per_s"] > 0 and r["tflop_per_step"] > 0 and 0 < r["views_pct"] < 100
+        # the view share compares two separately timed windows: positive, but on a loaded machine
+        # not bounded by 100, so no bound is asserted
+        assert r["img_per_s"] > 0 and r["tflop_per_step"] > 0 and r["views_pct"] > 0
     assert rows[1]["images_per_step"] > rows[0]["images_per_step"]  # fixmatch adds unlabeled images
     assert "CPU figures" in out.stdout
 
@@ -62,14 +64,17 @@ def test_verdict_against_targets_on_a_gpu():
     ("workloads: [{method: supervised, target: {img_per_s: '2000'}}]", "target img_per_s must be a number > 0"),
     ("peak_tflops: 0\nworkloads: [{method: supervised}]", "peak_tflops must be a number > 0"),
 ])
-def test_bad_suite_files_are_rejected(tmp_path, text, words):
+def test_bad_suite_files_are_rejected(tmp_path, capsys, monkeypatch, text, words):
     suite = tmp_path / "bad.yaml"
     suite.write_text(text)
-    out = bench(["speed", "--suite", str(suite), "--results-dir", str(tmp_path / "r")], tmp_path / "c")
-    assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert not (tmp_path / "r").exists()
+    results = tmp_path / "r"
+    code, lines, err = run_cli(["speed", "--suite", str(suite), "--results-dir", str(results)], tmp_path, capsys,
+                               monkeypatch)
+    assert_rejected(code, lines, err, words, results)
+    assert not results.exists()
 
 
-def test_suite_and_preset_are_exclusive(tmp_path):
-    out = bench(["speed", "--suite", "targets", "--preset", "fast"], tmp_path / "c")
-    assert out.returncode == 2 and "drop --methods / --preset" in out.stderr
+def test_suite_and_preset_are_exclusive(tmp_path, capsys, monkeypatch):
+    code, lines, err = run_cli(["speed", "--suite", "targets", "--preset", "fast", "--results-dir", str(tmp_path / "r")],
+                               tmp_path, capsys, monkeypatch)
+    assert_rejected(code, lines, err, "drop --methods / --preset", tmp_path / "r")

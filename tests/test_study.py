@@ -12,7 +12,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from helpers import bench, kill, load_json, run_dirs, start_bench
+from helpers import assert_rejected, bench, kill, load_json, run_cli, run_dirs, start_bench
 
 FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
         "--set", "ckpt_every=10", "--set", "log_every=5"]
@@ -69,7 +69,7 @@ def running_with_checkpoint(results):
 
 def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     study, results = write_study(tmp_path), tmp_path / "results"
-    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)]
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results), "--workers", "2"]
     out = bench(args, tmp_path / "cache", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = run_dirs(results)
@@ -79,6 +79,16 @@ def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     for t in ts:  # trial and run are cross-linked both ways
         info = load_json(results / "runs" / t.user_attrs["run_id"] / "info.json")
         assert info["optuna"]["trial"] == t.number and info["optuna"]["cell"] == t.user_attrs["cell"]
+        # the cell is a set of real Optuna parameters, so optuna-dashboard's plots read the grid
+        cfg = load_json(results / "runs" / t.user_attrs["run_id"] / "config.json")
+        assert t.params == {"method": "supervised", "label_fraction": cfg["label_fraction"], "lr": cfg["lr"],
+                            "seed": cfg["seed"]}
+        assert t.distributions["lr"].choices == (0.002, 0.004) and t.distributions["seed"].high == 1
+    frame = optuna.load_study(study_name="tiny:synthetic:smoke",
+                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+                                  str(results / "studies" / "optuna.journal")))).trials_dataframe()
+    for column in ("params_method", "params_label_fraction", "params_lr", "params_seed", "value"):
+        assert frame[column].notna().all(), column
 
     # the report's numbers equal a hand computation from the stored runs
     groups = {}
@@ -96,6 +106,11 @@ def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     for name in ("table.csv", "table.md", "table.tex", "figure.png", "figure.pdf", "curves.png"):
         assert (report / name).stat().st_size > 0, name
     assert f"{statistics.mean(groups[(0.2, 0.002)]):.2f}" in (report / "table.md").read_text()
+    # each run's provenance travels into runs.csv
+    runs_csv = pd.read_csv(report / "runs.csv")
+    record = load_json(runs[0] / "run.json")
+    assert set(runs_csv["commit"]) == {record["experiment"]["repositories"][0]["commit"]}
+    assert set(runs_csv["version.torch"]) == {torch.__version__.split("+")[0]} and set(runs_csv["device"]) == {"CPU"}
 
     # a rerun skips finished cells; `bench report` rebuilds the same numbers from the stores
     (report / "summary.csv").unlink()
@@ -122,12 +137,17 @@ def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path):
     summary = pd.read_csv(results / "reports" / "tiny" / "synthetic-smoke" / "summary.csv")
     broken = summary[summary["lr"] == 1e30]
     assert (broken["n"] == 0).all() and broken["mean"].isna().all()  # missing, never zero
-    assert "—" in (results / "reports" / "tiny" / "synthetic-smoke" / "table.md").read_text()
+    table = (results / "reports" / "tiny" / "synthetic-smoke" / "table.md").read_text()
+    assert "—" in table
+    # one seed has no spread to report: std is empty, not 0.0
+    single = summary[summary["n"] == 1]
+    assert len(single) == 2 and single["std"].isna().all()
+    assert "± 0.00" not in table and "(1)" in table
 
 
 def test_killed_study_resumes_only_missing_cells(tmp_path):
     study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
-    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=400",
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=200",
             "--results-dir", str(results), "--heartbeat", "0.5"]
     proc = start_study_until(args, tmp_path, lambda: completed_runs(results) and running_with_checkpoint(results))
     time.sleep(1.0)  # the worker links its trial to the run on its next heartbeat
@@ -149,7 +169,7 @@ def test_killed_study_resumes_only_missing_cells(tmp_path):
 
 def test_ctrl_c_stops_a_study_cleanly_and_a_rerun_resumes_it(tmp_path):
     study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
-    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=1000",
+    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=200",
             "--results-dir", str(results), "--heartbeat", "0.5"]
     proc = start_study_until(args, tmp_path, lambda: (results / "runs" / "1" / "checkpoint.pt").exists())
     kill(proc, signal.SIGINT)  # what Ctrl-C sends to the study's foreground process
@@ -161,7 +181,7 @@ def test_ctrl_c_stops_a_study_cleanly_and_a_rerun_resumes_it(tmp_path):
     (run,) = run_dirs(results)  # the running cell stopped at a step boundary and checkpointed
     assert load_json(run / "run.json")["status"] == "INTERRUPTED"
     step = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["step"]
-    assert 0 < step < 1000
+    assert 0 < step < 200
     (t,) = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
     assert t.state == TrialState.FAIL and t.user_attrs["reason"].startswith("interrupted")
     assert (results / "reports" / "tiny" / "synthetic-smoke" / "table.md").exists()  # the report so far
@@ -207,6 +227,11 @@ def _concurrent(tmp_path, storage, workers=3, kill_one=False):
         assert p.returncode == 0, p.stderr.read()[-3000:]
     ts = trials(storage or results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
     assert sorted(completed_per_cell(ts).values()) == [1] * 4   # every cell exactly once
+    for t in ts:  # a withdrawn or lost claim never looks like a result on a dashboard
+        if t.state != TrialState.COMPLETE:
+            assert t.state == TrialState.FAIL and t.value is None
+        if t.user_attrs.get("withdrawn"):
+            assert t.params == {} and "withdrawn" in t.user_attrs["reason"]
     return ts, results
 
 
@@ -226,20 +251,20 @@ def test_killed_worker_on_postgresql_has_its_cell_retried(tmp_path, postgres):
     assert (summary["n"] == 1).all()  # no cell counted twice
 
 
-def test_study_bad_input(tmp_path):
+def test_study_bad_input(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [supervised]\naxes: {lr: {values: []}}\n")
     cases = [(["study", "nope", "--dataset", "synthetic"], "unknown study 'nope'"),
              (["study", str(bad), "--dataset", "synthetic"], "needs a non-empty 'values' list"),
              (["study", "mask_ratio", "--dataset", "mnist"], "unknown dataset 'mnist'"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--workers", "0"], "--workers"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--heartbeat", "inf"], "--heartbeat"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--set", "lr=-1"], "lr"),
              (["report", "mask_ratio", "--results-dir", str(tmp_path / "empty")], "no study store")]
     for args, message in cases:
-        out = bench([*args, "--results-dir", str(tmp_path / "r")] if args[0] == "study" else args, tmp_path / "c")
-        assert out.returncode == 2, (args, out.stderr)
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (args, out.stderr)
+        args = [*args, "--results-dir", str(tmp_path / "r")] if args[0] == "study" else args
+        code, lines, err = run_cli(args, tmp_path, capsys, monkeypatch)
+        assert_rejected(code, lines, err, message, tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
 
@@ -259,3 +284,30 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
                  "--no-progress"], tmp_path / "cache")
     assert run.returncode == 0, run.stderr[-2000:]
     assert load_json(run_dirs(tmp_path / "r2")[0] / "config.json")["lr"] == values["lr"]
+
+
+def test_study_shows_the_running_cells_step_accuracy_and_eta(tmp_path):
+    study = tmp_path / "one.yaml"
+    study.write_text("methods: [supervised]\naxes: {lr: {values: [0.002]}}\nseeds: 1\n")
+    out = bench(["study", str(study), "--dataset", "synthetic", "--preset", "smoke", "--set", "steps=300",
+                 "--set", "log_every=5", "--set", "eval_every=100", "--results-dir", str(tmp_path / "r")],
+                tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    frames = out.stderr.replace("\r", "\n")
+    shown = [line for line in frames.splitlines() if "supervised|lr=0.002|seed=0" in line and "/300" in line]
+    assert shown and any("eta=" in line for line in shown), frames[-3000:]
+    assert any("val=" in line for line in shown), frames[-3000:]
+
+
+def test_no_password_is_ever_printed_or_recorded(tmp_path, postgres):
+    secret = "s3cr3t-pw"
+    url = postgres.replace("postgres@", f"postgres:{secret}@")  # trust auth: the password is not checked
+    results = tmp_path / "results"
+    out = bench(["tune", "supervised", "--preset", "smoke", "--trials", "1", "--storage", url, "--set", "steps=10",
+                 "--set", "eval_every=10", "--results-dir", str(results), "--no-progress"],
+                tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert secret not in out.stdout + out.stderr and "postgres:***@" in out.stdout
+    for path in results.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".txt", ".yaml", ".csv"):
+            assert secret not in path.read_text(errors="ignore"), path
