@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bench.errors import UsageError
 from bench.evaluate import Evaluation
 
 
@@ -32,6 +33,20 @@ def confidence_cap(label_smoothing: float, num_classes: int) -> float:
     """The largest probability a model trained on smoothed targets is pushed towards: the
     smoothed target itself, 1 - s + s / K. A threshold at or above it admits (almost) nothing."""
     return 1.0 - label_smoothing + label_smoothing / num_classes
+
+
+def require_reachable(method: str, cfg: dict, num_classes: int, option: str, strict: bool = False) -> None:
+    """Bad input when label smoothing caps confidence at or below the admission threshold
+    cfg[option] (`strict`: admitted above it, as in `threshold`): such a run could never admit a
+    pseudo-label, nor open a gate reading it."""
+    s, t = cfg["label_smoothing"], cfg[option]
+    cap = confidence_cap(s, num_classes)
+    if cap < t or ((strict or s > 0) and cap <= t):  # a smoothed target is approached, never reached
+        flag = "--" + option.replace("_", "-")
+        fix = f"lower --label-smoothing below {(1 - t) / (1 - 1 / num_classes):.4f} or " if t < 1 else ""
+        raise UsageError(f"{method}: --label-smoothing {s} caps confidence at {cap:.3f} on {num_classes} classes, "
+                         f"not above {flag} {t}, so no pseudo-label can be admitted; {fix}lower {flag} "
+                         f"below {cap:.3f}")
 
 
 def agreeing(weak: PseudoLabels, strong: PseudoLabels) -> PseudoLabels:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.errors import UsageError
 from bench.method import Batch, Method, register
 from bench.options import Option, positive, unit_closed
-from bench.pseudo import PseudoLabels, admission_logs, confidence_cap, threshold
+from bench.pseudo import PseudoLabels, admission_logs, require_reachable, threshold
 
 
 def unlabeled_options(tau: float, mu: float, lambda_u: float, teacher: str) -> dict[str, Option]:
@@ -40,13 +39,7 @@ class FixMatch(Method):
     @classmethod
     def check(cls, cfg, num_classes, split) -> None:
         super().check(cfg, num_classes, split)
-        s, tau = cfg["label_smoothing"], cfg["tau"]
-        cap = confidence_cap(s, num_classes)
-        if cap < tau:
-            raise UsageError(f"{cls.name}: --label-smoothing {s} caps the teacher's confidence at {cap:.3f} on "
-                             f"{num_classes} classes, below --tau {tau}, so no pseudo-label can be admitted; "
-                             f"lower --label-smoothing to <= {(1 - tau) / (1 - 1 / num_classes):.4f} or --tau "
-                             f"to <= {cap:.3f}")
+        require_reachable(cls.name, cfg, num_classes, "tau")
 
     def pseudo_label(self, x_weak: Tensor, y_true: Tensor | None) -> tuple[PseudoLabels, dict[str, Tensor]]:
         pl = threshold(self.teacher_probs(x_weak, self.cfg["teacher"]), self.cfg["tau"])

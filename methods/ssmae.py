@@ -21,7 +21,7 @@ from torch import Tensor
 from bench.errors import UsageError
 from bench.method import Batch, Method, register
 from bench.options import Option, non_negative, positive, unit_closed, unit_open
-from bench.pseudo import PseudoLabelMemory, ValidationGate, admission_logs, agreeing, confidence_cap, threshold
+from bench.pseudo import PseudoLabelMemory, ValidationGate, admission_logs, agreeing, require_reachable, threshold
 
 
 @register("ssmae")
@@ -58,12 +58,7 @@ class SSMAE(Method):
     @classmethod
     def check(cls, cfg, num_classes, split) -> None:
         super().check(cfg, num_classes, split)
-        s, c = cfg["label_smoothing"], cfg["confidence"]
-        cap = confidence_cap(s, num_classes)
-        if cap <= c:
-            raise UsageError(f"ssmae: --label-smoothing {s} caps confidence at {cap:.3f} on {num_classes} classes, "
-                             f"not above --confidence {c}, so no pseudo-label can be admitted and the gate "
-                             f"cannot open; lower --label-smoothing (0 in the paper) or --confidence")
+        require_reachable("ssmae", cfg, num_classes, "confidence", strict=True)  # and so the gate could never open
         if not cfg["gate"]:
             return
         first = min(-(-cfg["gate_warmup_steps"] // every) * every

@@ -1,4 +1,4 @@
-"""Shared test helpers: run the real `bench` CLI in a subprocess and read its Sacred store."""
+"""Shared test helpers: run the real `bench` CLI in a subprocess, read its Sacred store, build smoke trainers."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.config import resolve
+from bench.engine import Trainer
+from bench.method import get_method
+from bench.splits import make_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-images.tar.gz"
@@ -77,3 +82,11 @@ def assert_rejected(code, lines, err, words, results):
     assert len(lines) == 1 and words in lines[0], err
     assert "Traceback" not in err
     assert not results.exists() or not any(results.rglob("*")), "bad input wrote results"
+
+
+def smoke_trainer(method, data, run_dir, log=None, warn=None, **cli):
+    """A Trainer for `method` at the smoke preset plus `cli` options, on a seeded 25 % label split."""
+    cfg = resolve(get_method(method), preset="smoke", cli={"progress": False, **cli})
+    split = make_split(data.train_y, data.num_classes, label_fraction=0.25, seed=0)
+    extra = {k: v for k, v in (("log", log), ("warn", warn)) if v is not None}
+    return Trainer(cfg, get_method(method), data, split, run_dir, **extra)

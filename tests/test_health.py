@@ -1,28 +1,13 @@
 """Pseudo-label health while a run trains: the progress bar and the stored metrics show admission
 rate, precision, the gate and the memory; a run that has admitted nothing by half its steps says
 so once; the gate is read on its own cadence, on validation only."""
-import pytest
-
-from bench.config import resolve
-from bench.data import load_dataset
-from bench.engine import Trainer
-from bench.method import get_method
-from bench.splits import make_split
-from helpers import bench, load_json, run_dirs
+from helpers import bench, load_json, run_dirs, smoke_trainer
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return load_dataset("synthetic", None, tmp_path_factory.mktemp("cache"),
-                        synthetic={"classes": 4, "size": 32, "train_per_class": 40, "test_per_class": 10, "seed": 0})
-
-
-def trainer(method, data, tmp_path, **cli):
-    cfg = resolve(get_method(method), preset="smoke", cli={"progress": False, **cli})
-    split = make_split(data.train_y, data.num_classes, label_fraction=0.25, seed=0)
+def trainer(method, data, run_dir, **cli):
     logged, warnings = [], []
-    t = Trainer(cfg, get_method(method), data, split, tmp_path, log=lambda k, v, s: logged.append((k, v, s)),
-                warn=warnings.append)
+    t = smoke_trainer(method, data, run_dir, log=lambda k, v, s: logged.append((k, v, s)), warn=warnings.append,
+                      **cli)
     return t, logged, warnings
 
 
@@ -30,8 +15,8 @@ def steps_of(logged, name):
     return [s for k, _, s in logged if k == name]
 
 
-def test_progress_bar_shows_admission_precision_gate_and_memory(data, tmp_path, capsys):
-    t, _, _ = trainer("ssmae", data, tmp_path, steps=40, gate_warmup_steps=0, confidence=0.0,
+def test_progress_bar_shows_admission_precision_gate_and_memory(tiny_data, tmp_path, capsys):
+    t, _, _ = trainer("ssmae", tiny_data, tmp_path, steps=40, gate_warmup_steps=0, confidence=0.0,
                       gate_threshold=0.0, gate_min_confident=1, eval_every=10, log_every=10)
     t.run(progress=True)
     final = capsys.readouterr().err.split("\r")[-1]
@@ -39,17 +24,17 @@ def test_progress_bar_shows_admission_precision_gate_and_memory(data, tmp_path, 
         assert field in final, final
 
 
-def test_no_admission_by_half_the_run_warns_once_and_is_recorded(data, tmp_path):
-    t, _, warnings = trainer("fixmatch", data, tmp_path, steps=40, tau=1.0, log_every=5, eval_every=20)
+def test_no_admission_by_half_the_run_warns_once_and_is_recorded(tiny_data, tmp_path):
+    t, _, warnings = trainer("fixmatch", tiny_data, tmp_path, steps=40, tau=1.0, log_every=5, eval_every=20)
     t.run(progress=False)
     assert len(warnings) == 1 and "no pseudo-label admitted in 20 of 40 steps" in warnings[0]
-    admitted, _, quiet = trainer("fixmatch", data, tmp_path / "b", steps=40, tau=0.0, log_every=5, eval_every=20)
+    admitted, _, quiet = trainer("fixmatch", tiny_data, tmp_path / "b", steps=40, tau=0.0, log_every=5, eval_every=20)
     admitted.run(progress=False)
     assert quiet == []
 
 
-def test_gate_is_read_on_its_own_cadence_and_test_only_at_evaluations(data, tmp_path):
-    t, logged, _ = trainer("ssmae", data, tmp_path, steps=40, eval_every=20, gate_every=5, gate_warmup_steps=0,
+def test_gate_is_read_on_its_own_cadence_and_test_only_at_evaluations(tiny_data, tmp_path):
+    t, logged, _ = trainer("ssmae", tiny_data, tmp_path, steps=40, eval_every=20, gate_every=5, gate_warmup_steps=0,
                            log_every=5)
     t.run(progress=False)
     assert steps_of(logged, "gate.open") == [5, 10, 15, 20, 25, 30, 35, 40]

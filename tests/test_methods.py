@@ -3,31 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench.config import resolve
-from bench.data import load_dataset
-from bench.engine import Trainer
-from bench.method import get_method
 from bench.mixing import mix, one_hot_smooth, prob_pseudo_mix_lambda
-from bench.splits import make_split
-from helpers import bench, load_json, run_dirs
+from helpers import bench, load_json, run_dirs, smoke_trainer
 
 SMOKE = ["--dataset", "synthetic", "--preset", "smoke", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return load_dataset("synthetic", None, tmp_path_factory.mktemp("cache"),
-                        synthetic={"classes": 4, "size": 32, "train_per_class": 40, "test_per_class": 10, "seed": 0})
-
-
-def trainer_for(name, data, tmp_path, **cli):
-    cfg = resolve(get_method(name), preset="smoke", cli={"progress": False, **cli})
-    split = make_split(data.train_y, data.num_classes, label_fraction=0.25, seed=0)
-    return Trainer(cfg, get_method(name), data, split, tmp_path)
-
-
-def test_fixmatch_mask_and_no_gradient_through_pseudo_labels(data, tmp_path):
-    t = trainer_for("fixmatch", data, tmp_path, tau=0.3)
+def test_fixmatch_mask_and_no_gradient_through_pseudo_labels(tiny_data, tmp_path):
+    t = smoke_trainer("fixmatch", tiny_data, tmp_path, tau=0.3)
     m = t.method
     x_u = t.train_x[:16]
     x_weak = m.views.weak(x_u)
@@ -45,8 +28,8 @@ def test_fixmatch_mask_and_no_gradient_through_pseudo_labels(data, tmp_path):
     assert 0 <= float(logs["pl_rate"]) <= 1
 
 
-def test_semi_mae_branch_sees_the_configured_view(data, tmp_path):
-    t = trainer_for("semi_mae", data, tmp_path, mae_input="weak_all")
+def test_semi_mae_branch_sees_the_configured_view(tiny_data, tmp_path):
+    t = smoke_trainer("semi_mae", tiny_data, tmp_path, mae_input="weak_all")
     batch = t.next_batch()
     xw, xs = t.views.weak(batch.x_u), t.views.strong(batch.x_u)
     assert t.method.mae_input(batch, xw, xs).shape[0] == len(batch.x_l) + len(batch.x_u)
@@ -60,8 +43,8 @@ def test_semi_mae_branch_sees_the_configured_view(data, tmp_path):
     assert torch.all(mask.sum(1) == L - int(L * (1 - 0.6)))
 
 
-def test_ssmae_gate_opens_on_validation_and_then_admits(data, tmp_path):
-    t = trainer_for("ssmae", data, tmp_path, gate_warmup_steps=0, gate_threshold=0.0, confidence=0.0,
+def test_ssmae_gate_opens_on_validation_and_then_admits(tiny_data, tmp_path):
+    t = smoke_trainer("ssmae", tiny_data, tmp_path, gate_warmup_steps=0, gate_threshold=0.0, confidence=0.0,
                     agreement=False)
     m = t.method
     assert not m.gate.is_open
@@ -77,9 +60,9 @@ def test_ssmae_gate_opens_on_validation_and_then_admits(data, tmp_path):
     assert len(m.memory) == len(torch.unique(batch.idx_u))
 
 
-def test_ssmae_steady_state_opens_the_gate_so_speed_times_the_teacher_passes(data, tmp_path):
+def test_ssmae_steady_state_opens_the_gate_so_speed_times_the_teacher_passes(tiny_data, tmp_path):
     from torch.utils.flop_counter import FlopCounterMode
-    t = trainer_for("ssmae", data, tmp_path)
+    t = smoke_trainer("ssmae", tiny_data, tmp_path)
 
     def step_flops():
         with FlopCounterMode(display=False) as counter:
@@ -92,13 +75,13 @@ def test_ssmae_steady_state_opens_the_gate_so_speed_times_the_teacher_passes(dat
     assert step_flops() > closed  # the no-grad passes on the weak and strong views now run
 
 
-def test_ssmae_training_never_reads_test_labels(data, tmp_path):
+def test_ssmae_training_never_reads_test_labels(tiny_data, tmp_path):
     """Scrambling the test labels changes reported test accuracy only: weights, gate and memory
     are bitwise identical."""
-    scrambled = type(data)(**{**vars(data), "test_y": np.roll(data.test_y, 3)})
+    scrambled = type(tiny_data)(**{**vars(tiny_data), "test_y": np.roll(tiny_data.test_y, 3)})
     states = []
-    for d, sub in ((data, "a"), (scrambled, "b")):
-        t = trainer_for("ssmae", d, tmp_path / sub, steps=40, gate_warmup_steps=20, gate_threshold=0.0,
+    for d, sub in ((tiny_data, "a"), (scrambled, "b")):
+        t = smoke_trainer("ssmae", d, tmp_path / sub, steps=40, gate_warmup_steps=20, gate_threshold=0.0,
                         confidence=0.3)
         t.run(progress=False)
         states.append((t.model.state_dict(), t.method.state_dict()))

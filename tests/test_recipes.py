@@ -40,9 +40,9 @@ def test_method_recipes_sit_between_core_defaults_and_presets(tmp_path):
 
 CANNOT_WORK = {
     "smoothing caps FixMatch below tau": (["fixmatch", "--label-smoothing", "0.1"],
-                                          "--label-smoothing 0.1 caps the teacher's confidence at 0.910"),
+                                          "fixmatch: --label-smoothing 0.1 caps confidence at 0.910 on 10 classes, not above --tau 0.95"),
     "smoothing caps Semi-MAE below tau": (["semi_mae", "--label-smoothing", "0.1", "--tau", "0.95"],
-                                          "lower --label-smoothing to <= 0.0556 or --tau to <= 0.910"),
+                                          "lower --label-smoothing below 0.0556 or lower --tau below 0.910"),
     "smoothing caps SSMAE at its confidence": (["ssmae", "--label-smoothing", "0.1", "--confidence", "0.91"],
                                                "not above --confidence 0.91"),
     "gate read after the last step": (["ssmae", "--gate-warmup-steps", "60"], "the gate is first read at step 60"),
