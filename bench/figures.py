@@ -76,8 +76,10 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
     save(fig, stem)
 
 
-def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str) -> None:
-    """Per group (mean over seeds): validation accuracy, admission rate and precision vs step."""
+def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str) -> plt.Figure:
+    """Per group (mean over seeds): validation accuracy, admission rate and precision vs step.
+    A method keeps one colour (and a setting one dash) in every panel, including the panels
+    that only the semi-supervised methods appear in."""
     frames = []
     for _, row in runs.dropna(subset=["run_id"]).iterrows():
         try:
@@ -92,15 +94,22 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(1, len(CURVES), figsize=(15, 4))
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "metric", "method", "setting"])
-    style = "setting" if 1 < data["setting"].nunique() <= 6 else None  # more settings than dash styles: pool them
+    methods = list(dict.fromkeys(data["method"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=max(1, len(methods)))))
+    settings = list(dict.fromkeys(data["setting"]))
+    # dashes only when a setting is more than its method's name, and no more settings than dash styles
+    styled = (data["setting"] != data["method"]).any() and 1 < len(settings) <= 6
     for ax, (name, label) in zip(axes, CURVES):
         d = data[data["metric"] == name]
         if len(d):
-            sns.lineplot(d, x="step", y="value", hue="method", style=style, ax=ax, errorbar="sd",
-                         legend=ax is axes[0])
+            sns.lineplot(d, x="step", y="value", hue="method", hue_order=[m for m in methods if m in set(d["method"])],
+                         palette=palette, style="setting" if styled else None,
+                         style_order=[s for s in settings if s in set(d["setting"])] if styled else None,
+                         ax=ax, errorbar="sd", legend=ax is axes[0])
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("")
     if axes[0].get_legend():
         sns.move_legend(axes[0], "upper left", bbox_to_anchor=(0, -0.15), fontsize=6, ncol=2)
     fig.suptitle(title, fontsize=9)
     save(fig, stem)
+    return fig
