@@ -212,7 +212,9 @@ def postgres():
 def _concurrent(tmp_path, storage, workers=3, kill_one=False):
     study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
     args = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results),
-            "--heartbeat", "0.5", *(["--storage", storage] if storage else [])]
+            # a beat short enough to notice a killed worker within seconds, yet a worker starved
+            # by a loaded machine for a few seconds must not look dead (grace = 4 beats)
+            "--heartbeat", "1.5" if kill_one else "5", *(["--storage", storage] if storage else [])]
     bench(["run", "supervised", "--preset", "smoke", "--steps", "1", "--results-dir", str(tmp_path / "warm"),
            "--no-progress"], tmp_path / "cache")  # decode the data once, before the race
     procs = [start_bench(args, tmp_path / "cache") for _ in range(workers)]
