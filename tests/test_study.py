@@ -150,8 +150,11 @@ def test_killed_study_resumes_only_missing_cells(tmp_path):
     args = ["study", str(study), "--dataset", "synthetic", *FAST, "--set", "steps=200",
             "--results-dir", str(results), "--heartbeat", "0.5"]
     proc = start_study_until(args, tmp_path, lambda: completed_runs(results) and running_with_checkpoint(results))
-    time.sleep(1.0)  # the worker links its trial to the run on its next heartbeat
     (victim,) = running_with_checkpoint(results)
+    journal, deadline = results / "studies" / "optuna.journal", time.time() + 300
+    while not any(t.user_attrs.get("run_id") == victim.name for t in trials(journal, "tiny:synthetic:smoke")):
+        assert time.time() < deadline, "the worker never linked its trial to the running run"
+        time.sleep(0.1)  # the worker links its trial to the run on its next heartbeat
     kill(proc, signal.SIGKILL)  # the worker and (with it) its running trial die
     before = {r.name for r in completed_runs(results)}
     time.sleep(2.5)  # past the heartbeat grace: the dead trial is stale
