@@ -110,22 +110,26 @@ class ValidationGate:
     min_confident: int = 1
     always_open: bool = False
     is_open: bool = False
+    has_opened: bool = False  # ever open: a memory filled while open keeps its labels after a close
     last_hc_acc: float = 0.0
     last_hc_count: int = 0
 
     def __post_init__(self) -> None:
         self.is_open = self.is_open or self.always_open
+        self.has_opened = self.has_opened or self.is_open
 
     def update(self, evaluation: Evaluation, step: int) -> bool:
         self.last_hc_acc, self.last_hc_count = evaluation.high_confidence_accuracy(self.confidence)
         if not self.always_open:
             self.is_open = (step >= self.warmup_steps and self.last_hc_count >= self.min_confident
                             and self.last_hc_acc >= self.threshold)
+        self.has_opened = self.has_opened or self.is_open
         return self.is_open
 
     def state_dict(self) -> dict:
-        return {"is_open": self.is_open, "last_hc_acc": self.last_hc_acc, "last_hc_count": self.last_hc_count}
+        return {"is_open": self.is_open, "has_opened": self.has_opened, "last_hc_acc": self.last_hc_acc,
+                "last_hc_count": self.last_hc_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.is_open, self.last_hc_acc = state["is_open"], state["last_hc_acc"]
+        self.is_open, self.has_opened, self.last_hc_acc = state["is_open"], state["has_opened"], state["last_hc_acc"]
         self.last_hc_count = state["last_hc_count"]

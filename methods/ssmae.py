@@ -79,7 +79,6 @@ class SSMAE(Method):
         self.memory = PseudoLabelMemory(len(self.data.x), self.data.x.device)
         self.gate = ValidationGate(cfg["gate_threshold"], cfg["confidence"], cfg["gate_warmup_steps"],
                                    min_confident=cfg["gate_min_confident"], always_open=not cfg["gate"])
-        self.memory_used = False  # host-side: the memory can hold labels only once the gate has opened
 
     def admit(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> dict[str, Tensor]:
         """Score the unlabeled batch on both views (one no-grad pass) and update the memory."""
@@ -101,17 +100,14 @@ class SSMAE(Method):
         logs: dict[str, Tensor] = {}
         if self.gate.is_open:  # the teacher passes are skipped while the gate is closed
             logs.update(self.admit(batch, x_weak, self.views.strong(batch.x_u)))
-            self.memory_used = True
         pseudo = self.memory.lookup(batch.idx_u)
         used = pseudo >= 0
         # One CE over labeled + admitted unlabeled images: a pseudo-labeled image weighs as a labeled one.
         x_l = self.views.labeled(batch.x_l, cfg["labeled_view"])
-        if self.memory_used:
-            logits = self.model(torch.cat([x_l, x_weak])).float()
-            targets = torch.cat([batch.y_l, pseudo.clamp(min=0)])
-            weights = torch.cat([torch.ones_like(batch.y_l, dtype=torch.float), used.float()])
-        else:  # before the gate first opens every unlabeled weight is 0: those images are not forwarded
-            logits, targets, weights = self.model(x_l).float(), batch.y_l, torch.ones_like(batch.y_l, dtype=torch.float)
+        # Before the gate first opens the memory is empty and every unlabeled weight 0: skip those images.
+        logits = self.model(torch.cat([x_l, x_weak]) if self.gate.has_opened else x_l).float()
+        targets = torch.cat([batch.y_l, pseudo.clamp(min=0)])[: len(logits)]
+        weights = torch.cat([torch.ones_like(batch.y_l, dtype=torch.float), used.float()])[: len(logits)]
         ce = F.cross_entropy(logits, targets, reduction="none", label_smoothing=cfg["label_smoothing"])
         loss_cls = (ce * weights).sum() / weights.sum()
         x_mae = self.views.labeled(torch.cat([batch.x_l, batch.x_u]), cfg["mae_view"])
@@ -135,12 +131,11 @@ class SSMAE(Method):
         return {"gate": "open" if self.gate.is_open else "shut", "mem": str(len(self.memory))}
 
     def steady_state(self) -> None:
-        self.gate.is_open = True  # the teacher passes run on every step of a long run
+        self.gate.is_open = self.gate.has_opened = True  # a long run's steps: teacher passes, full CE
 
     def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(), "gate": self.gate.state_dict(), "memory_used": self.memory_used}
+        return {"memory": self.memory.state_dict(), "gate": self.gate.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.memory.load_state_dict(state["memory"])
         self.gate.load_state_dict(state["gate"])
-        self.memory_used = state["memory_used"]

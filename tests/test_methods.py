@@ -75,6 +75,21 @@ def test_ssmae_steady_state_opens_the_gate_so_speed_times_the_teacher_passes(tin
     assert step_flops() > closed  # the no-grad passes on the weak and strong views now run
 
 
+def test_ssmae_forwards_unlabeled_images_for_its_loss_only_once_the_gate_has_opened(tiny_data, tmp_path):
+    t = smoke_trainer("ssmae", tiny_data, tmp_path, gate_warmup_steps=0, gate_threshold=0.0, confidence=0.0)
+    m, seen = t.method, []
+    t.model.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    batch = t.next_batch()
+    m.train_step(batch)
+    assert seen == [len(batch.x_l)]                    # shut since the start: labeled images only
+    t.evaluate()                                       # validation high-confidence accuracy >= 0 opens it
+    assert m.gate.is_open and m.gate.has_opened
+    m.gate.is_open = False                             # shut again: the memory keeps what it admitted
+    seen.clear()
+    m.train_step(batch)
+    assert seen == [len(batch.x_l) + len(batch.x_u)]
+
+
 def test_ssmae_training_never_reads_test_labels(tiny_data, tmp_path):
     """Scrambling the test labels changes reported test accuracy only: weights, gate and memory
     are bitwise identical."""
