@@ -50,17 +50,3 @@ def load(path: str | Path) -> dict[str, Any]:
 def saved_step(path: str | Path) -> int:
     """The step a checkpoint was taken at; memory-mapped, so its tensors are not read."""
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"])
-
-
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -181,6 +181,9 @@ def resolve(method_cls, preset: str | None = None, study: dict | None = None,
                                  f"see `bench run {method_cls.name} --help`")
             cfg[key] = options[key].convert(key, value)
             where[key] = source
+    for key, own in method_cls.recipe.items():  # a layer above the recipe that changes it is flagged
+        if cfg[key] != own:
+            where[key] += f" (overrides {method_cls.name}'s recipe: {own})"
     cfg["method"] = method_cls.name
     cfg["preset"] = preset_name
     _check_consistency(cfg)

@@ -1,10 +1,12 @@
 """The training loop shared by every method.
 
-One step: sample index batches on the device -> `method.train_step` (views are made inside, on
-the device) -> backward, clip, AdamW step at the scheduled lr, EMA update. Every `eval_every`
-steps the raw and EMA models are evaluated on validation and test; the method sees validation
-only. Every `ckpt_every` steps (and at the end, and on Ctrl-C) the whole state is checkpointed
-atomically, so `--resume` continues to the same result as an uninterrupted run.
+One step: reseed the step's randomness from (seed, step), take the step's indices from the
+index streams (also a function of (seed, step)), gather the images on the device ->
+`method.train_step` (views are made inside, on the device) -> backward, clip, AdamW step at the
+scheduled lr, EMA update. Every `eval_every` steps the raw and EMA models are evaluated on
+validation and test; the method sees validation only. Every `ckpt_every` steps (and at the end,
+and on Ctrl-C) the whole state is checkpointed atomically, so `--resume` continues to the same
+result as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -17,21 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from bench import checkpoint
+from bench.batch import Batch, Images
+from bench.budget import ForwardCounter
 from bench.config import identity
 from bench.data import Dataset
 from bench.ema import EMA
 from bench.errors import NonFiniteLoss, UsageError
 from bench.evaluate import evaluate
-from bench.method import Batch, Method, TrainData
+from bench.method import Method, TrainData
 from bench.model import build_model
 from bench.optim import build_optimizer, lr_at, set_lr
+from bench.pseudo import admission_logs
+from bench.randomness import StepRandom
 from bench.sampler import IndexStream
 from bench.splits import Split
-from bench.stages import transfer
+from bench.stages import digest, transfer
 from bench.views import Views
 
 LogFn = Callable[[str, float, int], None]
@@ -81,10 +88,8 @@ class Trainer:
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        self.device = pick_device(cfg["device"])
-        torch.manual_seed(cfg["seed"])
-        self.generator = torch.Generator(self.device).manual_seed(cfg["seed"])
-        dev = self.device
+        self.device = dev = pick_device(cfg["device"])
+        self.random = StepRandom(cfg["seed"], dev)  # also seeds the model's initialisation
         # The whole dataset lives on the device as uint8; batches are gathered by index.
         self.train_x = torch.from_numpy(self.data.train_x).to(dev)
         self.train_y = torch.from_numpy(self.data.train_y).to(dev)
@@ -94,20 +99,25 @@ class Trainer:
         self.use_bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and dev.type == "cuda")
         self.model = build_model(cfg, self.data.num_classes, with_decoder=self.method_cls.uses_decoder).to(dev)
         self.ema = EMA(self.model, cfg["ema_decay"])
-        self.views = Views(cfg["img_size"], self.generator, pad_frac=cfg["pad_frac"],
+        self.forwards = ForwardCounter(self.model, self.ema.model)
+        self.views = Views(cfg["img_size"], self.random, pad_frac=cfg["pad_frac"],
                            randaug_ops=cfg["randaug_ops"], randaug_mag=cfg["randaug_mag"],
                            randaug_prob=cfg["randaug_prob"], cutout_frac=cfg["cutout_frac"])
-        train_data = TrainData(self.train_x, self.train_y, idx["labeled"], idx["val"], idx["unlabeled"])
+        # Methods see the labels of the labeled and validation splits only.
+        visible = torch.full_like(self.train_y, -1)
+        known = torch.cat([idx["labeled"], idx["val"]])
+        visible[known] = self.train_y[known]
+        train_data = TrainData(self.train_x, visible, idx["labeled"], idx["val"], idx["unlabeled"])
         self.method = self.method_cls(cfg, self.model, self.ema, self.views, self.data.num_classes, train_data,
                                       autocast=self.autocast)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.labeled = IndexStream(idx["labeled"], self.generator)
-        pool = idx["unlabeled"]
-        if self.method_cls.unlabeled_source == "all":  # label-free methods see every training image
-            pool = torch.arange(len(self.train_x), device=dev)
-        self.unlabeled = IndexStream(pool, self.generator)
         self.n_labeled = cfg["batch_size"] if self.method_cls.uses_labeled else 0
         self.n_unlabeled = self.method.unlabeled_batch_size()
+        pool = self.split.unlabeled
+        if self.method_cls.unlabeled_source == "all":  # label-free methods see every training image
+            pool = np.arange(len(self.data.train_x))
+        self.labeled = IndexStream(self.split.labeled, self.n_labeled, cfg["seed"], "labeled")
+        self.unlabeled = IndexStream(pool, self.n_unlabeled, cfg["seed"], "unlabeled")
         if cfg["compile"] and dev.type == "cuda":
             self.model.compile()
         self._sums: dict[str, torch.Tensor] = {}
@@ -116,6 +126,7 @@ class Trainer:
         self._stop_requested = False
         self.admitted = False  # has any pseudo-label been used yet (semi-supervised methods)
         self.warned = False    # ... and if not by half the run, has the user been told
+        self.init: dict[str, Any] = {}  # where the weights came from (an earlier stage), for the record
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -123,10 +134,10 @@ class Trainer:
         return self.run_dir / "checkpoint.pt"
 
     def state_dict(self) -> dict[str, Any]:
+        # No stream or generator state: what a step draws is a function of (seed, step).
         return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict(),
-                "rng": checkpoint.rng_state(self.generator), "selection": vars(self.selection).copy(),
+                "forward_images": self.forwards.images, "selection": vars(self.selection).copy(),
                 "last_eval": dict(self.last_eval), "config": identity(self.cfg),
                 "health": (self.admitted, self.warned),
                 # a Ctrl-C checkpoint falls inside a log window: keep its partial sums
@@ -142,9 +153,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
-        self.labeled.load_state_dict(state["labeled"])
-        self.unlabeled.load_state_dict(state["unlabeled"])
-        checkpoint.set_rng_state(state["rng"], self.generator)
+        self.forwards.images = state["forward_images"]
         self.selection = Selection(**state["selection"])
         self.last_eval = dict(state["last_eval"])
         self.admitted, self.warned = state["health"]
@@ -152,12 +161,18 @@ class Trainer:
         self._sums = {k: v.to(self.device) for k, v in sums.items()}
 
     def init_from(self, weights: dict[str, Any], keep_head: bool) -> None:
-        """Start from an earlier stage's weights; the EMA starts from the stage's EMA when the
-        head is carried over (Semi-ViT), else from the loaded model."""
+        """Start from an earlier stage's weights (`bench.stages.transfer`): the encoder always,
+        the classifier head when it carries over, else a fresh head; the EMA starts from the
+        stage's EMA when the head is carried over (Semi-ViT), else from the loaded model."""
         transfer(weights["model"], self.model, keep_head)
         self.ema.copy_from(self.model)
         if keep_head:
             transfer(weights["ema"], self.ema.model, keep_head)
+        model, ema = self.model.state_dict(), self.ema.model.state_dict()
+        self.init = {"head": "stage's" if keep_head else "re-drawn (std 2e-5)",
+                     "ema": "stage's EMA" if keep_head else "the loaded model",
+                     "encoder_sha256": digest(model), "head_sha256": digest(model, "head"),
+                     "ema_encoder_sha256": digest(ema), "ema_head_sha256": digest(ema, "head")}
 
     def save_checkpoint(self) -> None:
         self._check_finite()
@@ -170,20 +185,32 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def next_batch(self) -> Batch:
-        batch = Batch()
+    def next_batch(self) -> tuple[Batch, torch.Tensor | None]:
+        """The step's images (rows: labeled first, then unlabeled) and the unlabeled images'
+        true labels, which stay in the engine."""
+        batch, y_u = Batch(), None
+        universe = self.n_labeled + self.n_unlabeled
+        dev = self.device
         if self.n_labeled:
-            idx_l = self.labeled.next(self.n_labeled)
-            batch.x_l, batch.y_l = self.train_x[idx_l], self.train_y[idx_l]
+            idx_l = torch.from_numpy(self.labeled.at(self.step)).to(dev)
+            rows = torch.arange(self.n_labeled, device=dev)
+            batch.l = Images(self.train_x[idx_l], rows, self.n_labeled, universe)
+            batch.y_l = self.train_y[idx_l]
         if self.n_unlabeled:
-            idx_u = self.unlabeled.next(self.n_unlabeled)
-            batch.x_u, batch.idx_u, batch.y_u = self.train_x[idx_u], idx_u, self.train_y[idx_u]
-        return batch
+            idx_u = torch.from_numpy(self.unlabeled.at(self.step)).to(dev)
+            rows = self.n_labeled + torch.arange(self.n_unlabeled, device=dev)
+            batch.u, batch.idx_u = Images(self.train_x[idx_u], rows, self.n_unlabeled, universe), idx_u
+            y_u = self.train_y[idx_u]
+        return batch, y_u
 
     def train_step(self) -> None:
         self.model.train()
-        with self.autocast():
-            loss, logs = self.method.train_step(self.next_batch())
+        self.random.begin(self.step)
+        batch, y_u = self.next_batch()
+        with self.autocast(), self.forwards.counting():
+            loss, logs = self.method.train_step(batch)
+        for name, pl in self.method.take_pseudo_labels().items():
+            logs.update(admission_logs(pl, y_u, name))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg["clip_grad"] > 0:
@@ -199,6 +226,12 @@ class Trainer:
             v = v.detach().float()  # a 2-vector is a (numerator, denominator) pair: see flush_logs
             self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._count += 1
+
+    def budget(self) -> dict[str, float]:
+        """What this training consumed: optimizer steps, labeled and unlabeled images drawn, and
+        encoder forward passes in image equivalents (a masked pass counts its visible share)."""
+        return {"steps": self.step, "labeled_images": self.step * self.n_labeled,
+                "unlabeled_images": self.step * self.n_unlabeled, "forward_images": round(self.forwards.images)}
 
     def _check_finite(self) -> None:
         if not bool(self._finite):
@@ -330,8 +363,9 @@ class Trainer:
     def result(self, img_per_s: float) -> dict[str, Any]:
         s, last = self.selection, self.last_eval
         if not self.method_cls.classifies:
-            return {"steps": self.step, "img_per_s": img_per_s, "split_hash": self.split.hash}
-        return {"test_acc": last["test_acc"], "test_acc_ema": last["test_acc_ema"],
+            return {"steps": self.step, "img_per_s": img_per_s, "split_hash": self.split.hash,
+                    "budget": self.budget()}
+        return {"budget": self.budget(), "test_acc": last["test_acc"], "test_acc_ema": last["test_acc_ema"],
                 "val_acc": last["val_acc"], "val_acc_ema": last["val_acc_ema"],
                 "test_acc_selected": s.test_acc, "selected_step": s.step, "selected_model": s.model,
                 "selected_val_acc": s.val_acc, "steps": self.step, "img_per_s": img_per_s,

@@ -14,8 +14,12 @@ import seaborn as sns
 from bench.io import atomic_write
 from bench.studies import StudySpec
 
-CURVES = [("val_acc_ema", "validation accuracy (EMA) %"), ("train.pl_rate", "pseudo-label admission rate"),
-          ("train.pl_precision", "pseudo-label precision")]
+# (metric, panel title); a method without the first name of a panel plots the second (SSMAE's
+# teacher only scores new images, logged as `admit_conf`, while its gate is open)
+CURVES = [(("val_acc_ema",), "validation accuracy (EMA) %"),
+          (("train.pl_rate",), "pseudo-label admission rate"),
+          (("train.pl_precision",), "pseudo-label precision"),
+          (("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view)")]
 
 
 def save(fig, stem: Path) -> None:
@@ -86,20 +90,20 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
             metrics = json.loads((results_dir / "runs" / str(row["run_id"]) / "metrics.json").read_text())
         except (OSError, ValueError):
             continue
-        for name, _ in CURVES:
-            series = metrics.get(name)
+        for names, _ in CURVES:
+            series = next((metrics[n] for n in names if metrics.get(n)), None)
             if series:
-                frames.append(pd.DataFrame({"step": series["steps"], "value": series["values"], "metric": name,
+                frames.append(pd.DataFrame({"step": series["steps"], "value": series["values"], "metric": names[0],
                                             "method": row["method"], "setting": row["group"].split("|", 1)[-1]}))
     sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(15, 4))
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(20, 4))
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "metric", "method", "setting"])
     methods = list(dict.fromkeys(data["method"]))
     palette = dict(zip(methods, sns.color_palette(n_colors=max(1, len(methods)))))
     settings = list(dict.fromkeys(data["setting"]))
     # dashes only when a setting is more than its method's name, and no more settings than dash styles
     styled = (data["setting"] != data["method"]).any() and 1 < len(settings) <= 6
-    for ax, (name, label) in zip(axes, CURVES):
+    for ax, ((name, *_), label) in zip(axes, CURVES):
         d = data[data["metric"] == name]
         if len(d):
             sns.lineplot(d, x="step", y="value", hue="method", hue_order=[m for m in methods if m in set(d["method"])],

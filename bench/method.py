@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.batch import Batch, Images
 from bench.errors import UsageError
 from bench.evaluate import Evaluation, evaluate
 from bench.mixing import mix, one_hot_smooth, sample_mix_params
 from bench.options import Option
+from bench.pseudo import PseudoLabels
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -48,22 +50,14 @@ def get_method(name: str) -> type["Method"]:
 
 @dataclass
 class TrainData:
-    """What a method may see of the data: training images and the split, never the test set."""
+    """What a method may see of the data: training images and the labels of its labeled and
+    validation splits. The unlabeled pool's labels read -1 (the engine alone holds them, to
+    measure pseudo-label precision) and the test set is not here at all."""
     x: Tensor                   # (N, H, W, 3) uint8, on the device
-    y: Tensor                   # (N,) true labels (unlabeled pool's: for precision logging only)
+    y: Tensor                   # (N,) labels of the labeled and validation images, -1 elsewhere
     labeled: Tensor             # labeled-train indices
     val: Tensor                 # validation indices
     unlabeled: Tensor           # unlabeled pool indices
-
-
-@dataclass
-class Batch:
-    """One step's data, uint8 images on the device; views are made by the method."""
-    x_l: Tensor | None = None   # (B, H, W, 3) labeled-train images
-    y_l: Tensor | None = None   # (B,)
-    x_u: Tensor | None = None   # (muB, H, W, 3) unlabeled images
-    idx_u: Tensor | None = None  # their indices in the training set (pseudo-label memory keys)
-    y_u: Tensor | None = None   # their true labels: for logging pseudo-label precision only
 
 
 class Method:
@@ -88,7 +82,8 @@ class Method:
         self.views = views
         self.num_classes = num_classes
         self.data = data
-        self.generator: torch.Generator = views.generator  # the run's seeded device generator
+        self.random = views.random  # the run's StepRandom: every draw derives from (seed, step)
+        self._pseudo: dict[str, PseudoLabels] = {}
         self.setup()
 
     # -- what a method implements -------------------------------------------------------------
@@ -150,21 +145,53 @@ class Method:
         model.train(was_training)
         return probs
 
+    def log_pseudo_labels(self, pl: PseudoLabels, name: str = "pl") -> None:
+        """Report this step's pseudo-labels for the unlabeled batch (`mask`: the images they
+        train); the engine logs `<name>_rate`, `<name>_conf` and, against the pool's true labels
+        that only it holds, `<name>_precision`."""
+        self._pseudo[name] = pl
+
+    def take_pseudo_labels(self) -> dict[str, PseudoLabels]:
+        """The step's reported pseudo-labels (for the engine), cleared for the next step."""
+        out, self._pseudo = self._pseudo, {}
+        return out
+
     def evaluate_indices(self, idx: Tensor) -> Evaluation:
-        """Evaluate the online model on training images `idx` (e.g. the labeled-train split)."""
+        """Evaluate the online model on training images `idx` of the labeled or validation split."""
         return evaluate(self.model, self.data.x[idx], self.data.y[idx], self.views.eval,
                         self.cfg["eval_batch_size"], self.autocast)
 
-    def supervised_loss(self, x_l: Tensor, y_l: Tensor) -> Tensor:
+    def supervised_loss(self, images: Images, y_l: Tensor) -> Tensor:
         """Cross-entropy on the labeled batch: configured view, optional mixup/cutmix, smoothing."""
         cfg = self.cfg
-        x = self.views.labeled(x_l, cfg["labeled_view"])
+        x = self.views.labeled(images, cfg["labeled_view"])
         targets = one_hot_smooth(y_l, self.num_classes, cfg["label_smoothing"])
         if cfg["mixup_alpha"] > 0 or cfg["cutmix_alpha"] > 0:
-            lam, perm, use_cutmix = sample_mix_params(x.shape[0], cfg["mixup_alpha"], cfg["cutmix_alpha"],
-                                                      0.5, self.generator, x.device)
-            x, targets, _ = mix(x, targets, lam, perm, use_cutmix, self.generator)
+            draws = self.random.on(images)
+            lam, perm, use_cutmix = sample_mix_params(draws, cfg["mixup_alpha"], cfg["cutmix_alpha"], 0.5,
+                                                      self.random.host)
+            x, targets, _ = mix(x, targets, lam, perm, use_cutmix, draws)
         return soft_cross_entropy(self.model(x), targets)
+
+    def hard_pseudo_label_loss(self, x: Tensor, pl: PseudoLabels) -> Tensor:
+        """FixMatch's unlabeled loss: CE on the admitted images' hard labels, averaged over ALL
+        the unlabeled images (admitted or not), so its weight grows with the admission rate."""
+        per_sample = F.cross_entropy(self.model(x).float(), pl.labels, reduction="none")
+        return weighted_mean(per_sample * pl.mask.float())
+
+    def reconstruction_loss(self, x: Tensor, images: Images, mask_ratio: float) -> Tensor:
+        """MAE loss of views `x` of `images`, each masked by noise drawn for its own row."""
+        noise = self.random.on(images).uniform(self.model.num_patches)
+        loss, _, _ = self.model.forward_mae(x, mask_ratio, noise)
+        return loss
+
+
+def weighted_mean(values: Tensor, weights: Tensor | None = None) -> Tensor:
+    """sum(w * v) / sum(w) over the step's images (plain mean without weights); 0 when the
+    weights sum to 0. The one place a loss divides by a count of images."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bench.randomness import Draws
+
 
 def one_hot_smooth(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
     """One-hot targets with label smoothing: (1 - s) on the class plus s / K everywhere."""
@@ -16,16 +18,18 @@ def one_hot_smooth(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tenso
     return out.scatter_add_(1, y.view(-1, 1), torch.full((len(y), 1), 1.0 - smoothing, device=y.device))
 
 
-def sample_mix_params(batch: int, mixup_alpha: float, cutmix_alpha: float, switch_prob: float,
-                      generator: torch.Generator, device) -> tuple[Tensor, Tensor, Tensor]:
-    """One (lambda, mode) per batch as in timm's Mixup: cutmix with probability `switch_prob`
-    when both are on. Beta draws use torch's CPU RNG (seeded, checkpointed): no device sync."""
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or float(torch.rand(())) < switch_prob)
+def sample_mix_params(draws: Draws, mixup_alpha: float, cutmix_alpha: float, switch_prob: float,
+                      host) -> tuple[Tensor, Tensor, Tensor]:
+    """One (lambda, mode) per batch as in timm's Mixup, cutmix with probability `switch_prob`
+    when both are on, from the host generator `host` (no device sync); partners drawn over the
+    whole set of images `draws` is for."""
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or host.random() < switch_prob)
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(batch, generator=generator, device=device)
-    return (torch.full((batch,), lam, device=device), perm,
-            torch.full((batch,), use_cutmix, dtype=torch.bool, device=device))
+    lam = float(host.beta(alpha, alpha))
+    perm = draws.partners()
+    n, device = draws.n, perm.device
+    return (torch.full((n,), lam, device=device), perm,
+            torch.full((n,), use_cutmix, dtype=torch.bool, device=device))
 
 
 def prob_pseudo_mix_lambda(conf: Tensor, perm: Tensor) -> Tensor:
@@ -33,14 +37,14 @@ def prob_pseudo_mix_lambda(conf: Tensor, perm: Tensor) -> Tensor:
     return conf / (conf + conf[perm]).clamp(min=1e-12)
 
 
-def cutmix_masks(lam: Tensor, height: int, width: int, generator: torch.Generator) -> Tensor:
+def cutmix_masks(lam: Tensor, height: int, width: int, draws: Draws) -> Tensor:
     """(B, H, W) bool, True inside each sample's pasted box: side sqrt(1 - lam) of the image,
     random centre, clipped at the border."""
     n, dev = len(lam), lam.device
     r = (1 - lam).clamp(0, 1).sqrt()
     bh, bw = (r * height).round(), (r * width).round()
-    cy = torch.randint(0, height, (n,), generator=generator, device=dev)
-    cx = torch.randint(0, width, (n,), generator=generator, device=dev)
+    cy = draws.randint(0, height).to(dev)
+    cx = draws.randint(0, width).to(dev)
     y0, y1 = (cy - bh // 2).clamp(0, height), (cy - bh // 2 + bh).clamp(0, height)
     x0, x1 = (cx - bw // 2).clamp(0, width), (cx - bw // 2 + bw).clamp(0, width)
     rows = torch.arange(height, device=dev).view(1, height, 1)
@@ -50,12 +54,12 @@ def cutmix_masks(lam: Tensor, height: int, width: int, generator: torch.Generato
 
 
 def mix(x: Tensor, targets: Tensor, lam: Tensor, perm: Tensor, use_cutmix: Tensor,
-        generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        draws: Draws) -> tuple[Tensor, Tensor, Tensor]:
     """Mix images (B, C, H, W) and soft targets (B, K) with partners `perm`; returns the mixed
     images, the mixed targets and the effective lambda (area-corrected for cutmix)."""
     n, _, h, w = x.shape
     lam = lam.to(x.dtype) if lam.is_floating_point() else lam.float()
-    box = cutmix_masks(lam, h, w, generator)
+    box = cutmix_masks(lam, h, w, draws)
     cut_lam = 1 - box.flatten(1).float().mean(1)
     use_cutmix = use_cutmix.view(n)
     lam_eff = torch.where(use_cutmix, cut_lam, lam)

@@ -147,23 +147,22 @@ class ViTMAE(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], 3, h * p, w * p)
 
-    def random_masking(self, x: Tensor, mask_ratio: float,
-                       generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Per sample, keep int(L * (1 - mask_ratio)) random tokens (argsort of uniform noise drawn
-        from `generator`, the run's seeded one, so a resumed run masks exactly as an uninterrupted
-        one). Returns the kept tokens (in shuffled order), the mask (B, L) in the original order
-        with 1 = removed, and `ids_restore`, which undoes the shuffle."""
+    def random_masking(self, x: Tensor, mask_ratio: float, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sample, keep int(L * (1 - mask_ratio)) tokens: those with the smallest `noise`
+        (B, L), uniform numbers the caller draws per image (`Method.reconstruction_loss`), so an
+        image's mask depends on its own row of the step only. Returns the kept tokens (in
+        shuffled order), the mask (B, L) in the original order with 1 = removed, and
+        `ids_restore`, which undoes the shuffle."""
         B, L, D = x.shape
         keep = int(L * (1 - mask_ratio))
-        noise = torch.rand(B, L, device=x.device, generator=generator)
-        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_shuffle = torch.argsort(noise.to(x.device), dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         x_kept = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).expand(-1, -1, D))
         mask = (ids_restore >= keep).float()  # a token's rank in the shuffle decides if it is kept
         return x_kept, mask, ids_restore
 
     def forward_encoder_masked(self, imgs: Tensor, mask_ratio: float,
-                               generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+                               noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Encode only the kept patches, without stochastic depth (as in MAE pretraining: the
         masking is the regulariser). Returns (latent (B, prefix + keep, D), mask, ids_restore),
         the latent normalised as MAE feeds it to the decoder."""
@@ -172,7 +171,7 @@ class ViTMAE(nn.Module):
         # vit.patch_drop is skipped on purpose: masking is the patch dropout here, and a second
         # random drop would break ids_restore (build_model never enables it).
         n = self.num_prefix_tokens
-        patches, mask, ids_restore = self.random_masking(x[:, n:], mask_ratio, generator)
+        patches, mask, ids_restore = self.random_masking(x[:, n:], mask_ratio, noise)
         x = vit.norm_pre(torch.cat([x[:, :n], patches], dim=1))
         with self._no_drop_path():
             if vit.grad_checkpointing and not torch.jit.is_scripting():
@@ -212,10 +211,10 @@ class ViTMAE(nn.Module):
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
-    def forward_mae(self, imgs: Tensor, mask_ratio: float,
-                    generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """(MAE loss, predicted patches, mask) of `imgs` with `mask_ratio` of patches removed."""
-        latent, mask, ids_restore = self.forward_encoder_masked(imgs, mask_ratio, generator)
+    def forward_mae(self, imgs: Tensor, mask_ratio: float, noise: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(MAE loss, predicted patches, mask) of `imgs` with `mask_ratio` of patches removed:
+        those with the largest `noise` (B, L)."""
+        latent, mask, ids_restore = self.forward_encoder_masked(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.mae_loss(imgs, pred, mask), pred, mask
 

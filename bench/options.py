@@ -26,9 +26,10 @@ class Option:
             return str
         return type(self.default)
 
-    def convert(self, key: str, value: Any) -> Any:
-        """Coerce `value` (from YAML or the CLI) to this option's type; raise UsageError if invalid."""
-        flag = "--" + key.replace("_", "-")
+    def convert(self, key: str, value: Any, flag: str | None = None) -> Any:
+        """Coerce `value` (from YAML or the CLI) to this option's type; raise UsageError if
+        invalid, naming `flag` (default: the key's own)."""
+        flag = "--" + (flag or key).replace("_", "-")
         if value is None:
             if self.default is None:
                 return None

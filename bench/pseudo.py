@@ -1,7 +1,7 @@
 """Pseudo-labelling mechanics shared by every semi-supervised method.
 
-Thresholding, precision bookkeeping (against the pool's true labels: logged, never used), a
-per-image pseudo-label memory and SSMAE-style validation gate live here, once.
+Thresholding, a per-image pseudo-label memory and SSMAE-style validation gate live here, once.
+Precision against the pool's true labels is measured by the engine, which alone holds them.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from bench.evaluate import Evaluation
 
 @dataclass
 class PseudoLabels:
-    labels: Tensor   # (N,) argmax class
-    conf: Tensor     # (N,) max probability
-    mask: Tensor     # (N,) bool, admitted
+    labels: Tensor       # (N,) argmax class
+    conf: Tensor | None  # (N,) max probability (None: labels recalled from a memory)
+    mask: Tensor         # (N,) bool, admitted
 
 
 @torch.no_grad()
@@ -55,17 +55,32 @@ def agreeing(weak: PseudoLabels, strong: PseudoLabels) -> PseudoLabels:
     return PseudoLabels(weak.labels, weak.conf, mask)
 
 
-def admission_logs(pl: PseudoLabels, y_true: Tensor | None, prefix: str = "pl") -> dict[str, Tensor]:
-    """Admission rate and precision of admitted labels, as tensors (no host sync).
-
-    Precision is returned as a (correct, admitted) pair so the engine can divide sums over a log
-    window instead of averaging per-step ratios."""
+def admission_logs(pl: PseudoLabels, y_true: Tensor, name: str = "pl") -> dict[str, Tensor]:
+    """Admission rate, mean confidence and precision of admitted labels against `y_true`, each
+    as a (numerator, denominator) pair of this step's counts (no host sync), so a log window
+    divides sums over the steps it saw: a rate logged only while a gate is open is averaged over
+    those steps, and precision over the labels admitted."""
     mask = pl.mask.float()
-    logs = {f"{prefix}_rate": mask.mean()}
-    if y_true is not None:
-        correct = ((pl.labels == y_true).float() * mask).sum()
-        logs[f"{prefix}_precision"] = torch.stack([correct, mask.sum()])
+    n = torch.full((), float(len(mask)), device=mask.device)
+    logs = {f"{name}_rate": torch.stack([mask.sum(), n]),
+            f"{name}_precision": torch.stack([((pl.labels == y_true).float() * mask).sum(), mask.sum()])}
+    if pl.conf is not None:
+        logs[f"{name}_conf"] = torch.stack([pl.conf.float().sum(), n])
     return logs
+
+
+def first_of_each(idx: Tensor, mask: Tensor) -> Tensor:
+    """`mask` kept only at the first masked position of every distinct value of `idx`: one
+    deterministic winner where a batch holds an image twice."""
+    pos = torch.arange(len(idx), device=idx.device)
+    key = torch.where(mask, idx, -1 - pos)  # unmasked positions never collide
+    order = torch.argsort(key, stable=True)
+    ranked = key[order]
+    first = torch.ones_like(mask)
+    first[1:] = ranked[1:] != ranked[:-1]
+    out = torch.empty_like(mask)
+    out[order] = first
+    return out & mask
 
 
 class PseudoLabelMemory:
@@ -77,15 +92,18 @@ class PseudoLabelMemory:
     def lookup(self, idx: Tensor) -> Tensor:
         return self.labels[idx]
 
-    def admit(self, idx: Tensor, labels: Tensor, mask: Tensor, overwrite: bool = False) -> Tensor:
-        """Store `labels` where `mask` (and, unless `overwrite`, no label is stored yet); returns
-        the mask of newly written entries."""
-        new = mask if overwrite else mask & (self.labels[idx] < 0)
-        self.labels[idx] = torch.where(new, labels, self.labels[idx])
+    def admit(self, idx: Tensor, labels: Tensor, mask: Tensor, rescore: bool = False) -> Tensor:
+        """Store `labels` where `mask` and no label is stored yet (permanent memory), or, with
+        `rescore`, replace the batch's labels by this step's (forgetting the unadmitted). An
+        image twice in the batch takes its first admitted label. Returns the mask of written
+        entries."""
+        if rescore:
+            self.labels[idx] = -1
+        current = self.labels[idx]
+        new = first_of_each(idx, mask & (current < 0))
+        # max over the writes to one entry: the new label beats the -1 a duplicate writes back
+        self.labels.scatter_reduce_(0, idx, torch.where(new, labels, current), reduce="amax")
         return new
-
-    def forget(self, idx: Tensor, mask: Tensor) -> None:
-        self.labels[idx] = torch.where(mask, torch.full_like(self.labels[idx], -1), self.labels[idx])
 
     def __len__(self) -> int:
         return int((self.labels >= 0).sum())

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from bench.io import atomic_write_text
 from bench.studies import Cell, StudySpec
 
-RESULTS = ("test_acc", "test_acc_ema", "test_acc_selected", "selected_val_acc", "minutes", "stage_minutes",
-           "img_per_s")
+RESULTS = ("test_acc", "test_acc_ema", "test_acc_selected", "val_acc", "val_acc_ema", "selected_val_acc", "minutes",
+           "stage_minutes", "img_per_s")
 # Pseudo-label health at the end of a run: the mean over its last tenth of logged steps.
 HEALTH = {"pl_rate": "train.pl_rate", "pl_precision": "train.pl_precision"}
 # What a no-axis study's table shows per method / variant, in this order.

@@ -37,10 +37,15 @@ def find_run_dir(results_dir: str | Path, run: str) -> Path:
 
 
 def check_feasible(cfg: dict[str, Any], data, cache_dir: Path):
-    """The run's split, once the method has confirmed that the config lets it work (e.g. that a
-    pseudo-label can be admitted at all); UsageError otherwise."""
+    """The run's split, once the method and each of its earlier stages have confirmed that the
+    config lets them work (e.g. that a pseudo-label can be admitted at all, that a stage has
+    steps to run); UsageError otherwise."""
     split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
-    get_method(cfg["method"]).check(cfg, data.num_classes, split)
+    method_cls = get_method(cfg["method"])
+    method_cls.check(cfg, data.num_classes, split)
+    for stage in method_cls.stages:  # a stage's options are checked as the stage reads them
+        stage_cls = get_method(stage.method)
+        stage_cls.check(stage_config(cfg, stage, stage_cls), data.num_classes, split)
     return split
 
 
@@ -93,7 +98,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
             if os.environ.get("SSVIT_RUN_ID_FILE"):  # a study worker links its trial to this run
                 atomic_write_text(os.environ["SSVIT_RUN_ID_FILE"], run.id)
             atomic_write_text(run.dir / "split.json", split.to_json())
-            weights, keep_head, stage_minutes = train_stages(cfg, method_cls, data, split, run)
+            weights, keep_head, stages = train_stages(cfg, method_cls, data, split, run)
             start = time.perf_counter()
             trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
                               on_validation=on_validation, warn=run.warn, on_progress=progress_writer(""))
@@ -102,6 +107,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 run.set_info("resumed_from_step", trainer.step)
             elif weights is not None:
                 trainer.init_from(weights, keep_head)
+                run.set_info("init", trainer.init)
             result = trainer.run(progress=cfg["progress"])
         except BaseException as e:
             run.set_info("failure", f"{type(e).__name__}: {e}".strip().rstrip(":"))
@@ -118,7 +124,9 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
             raise
         # this run's own steps; its earlier stages' cost (cached or not) is reported beside it
         result["minutes"] = (time.perf_counter() - start) / 60
-        result["stage_minutes"] = stage_minutes
+        result["stage_minutes"] = sum(s["minutes"] for s in stages.values())
+        result["stages"] = {name: {"minutes": s["minutes"], "reused": s["reused"], "budget": s["budget"]}
+                            for name, s in stages.items()}
         run.flush()  # cout.txt ends with the progress bar's final state, not the last checkpoint's
         return result
 
@@ -151,10 +159,11 @@ def kept(run_dir: Path, run_id: str) -> str:
 
 def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
     """Train (or reuse from the stage cache) the method's earlier stages, in order; returns the
-    last stage's weights, whether its classifier head carries over, and the minutes the stages
-    took to train (when they were trained, by this run or an earlier one)."""
-    weights, keep_head, previous, minutes = None, False, None, 0.0
-    stages_info = {}
+    last stage's weights, whether its classifier head carries over, and per stage its cache key,
+    whether it was reused, the minutes it took to train (by this run or an earlier one) and its
+    budget (steps, images drawn, forward-pass images)."""
+    weights, keep_head, previous = None, False, None
+    stages_info: dict[str, dict] = {}
     for stage in method_cls.stages:
         stage_cls = get_method(stage.method)
         scfg = stage_config(cfg, stage, stage_cls)
@@ -177,8 +186,8 @@ def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
 
         weights, reused = run_stage(stage_dir, train)
         keep_head, previous = stage.keep_head, key
-        took = stage_result(stage_dir).get("minutes", 0.0)
-        minutes += took
-        stages_info[stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused, "minutes": took}
+        done = stage_result(stage_dir)
+        stages_info[stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused,
+                                   "minutes": done.get("minutes", 0.0), "budget": done.get("budget", {})}
         run.set_info("stages", stages_info)
-    return weights, keep_head, minutes
+    return weights, keep_head, stages_info

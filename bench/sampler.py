@@ -1,41 +1,51 @@
-"""Seeded index streams: epoch-style permutations whose position is part of the checkpoint."""
+"""Index streams: which images a step sees is a function of (seed, stream, step) alone.
+
+A pool of N images is read in epochs, each a fresh permutation drawn from (seed, stream,
+epoch) on the host. When the pool holds at least a batch (N >= n), epoch e gives floor(N / n)
+batches and the N mod n images left over wait for a later epoch, as a drop-last loader does: no
+image appears twice in one step's batch. A pool smaller than a batch is read as one endless
+sequence of permutations, so a batch holds every image floor(n / N) or ceil(n / N) times.
+
+Nothing here is state: a resumed run, or any rank of a distributed one, computes the same
+indices for step t. The indices are known before the step runs, so a store can read them ahead.
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
-from torch import Tensor
+
+from bench.randomness import derive_seed
 
 
 class IndexStream:
-    """Yields batches of indices from `pool`, each epoch a fresh permutation (no replacement).
+    def __init__(self, pool: np.ndarray, batch: int, seed: int, name: str):
+        self.pool = np.asarray(pool, dtype=np.int64)
+        self.batch, self.seed, self.name = int(batch), int(seed), name
+        self._epochs: dict[int, np.ndarray] = {}
 
-    Lives on the data's device and draws from the run's generator, so a resumed run continues
-    mid-epoch exactly where the interrupted one stopped.
-    """
+    @property
+    def drop_last(self) -> bool:
+        return len(self.pool) >= self.batch
 
-    def __init__(self, pool: Tensor, generator: torch.Generator):
-        self.pool = pool
-        self.generator = generator
-        self.order = self._permute()
-        self.pos = 0
+    def epoch(self, e: int) -> np.ndarray:
+        """The pool in epoch `e`'s order (the latest two epochs are kept)."""
+        if e not in self._epochs:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "indices", self.name, e))
+            self._epochs[e] = self.pool[torch.randperm(len(self.pool), generator=g).numpy()]
+            for old in sorted(self._epochs)[:-2]:
+                del self._epochs[old]
+        return self._epochs[e]
 
-    def _permute(self) -> Tensor:
-        perm = torch.randperm(len(self.pool), generator=self.generator, device=self.pool.device)
-        return self.pool[perm]
-
-    def next(self, n: int) -> Tensor:
-        parts, need = [], n
-        while need > 0:
-            if self.pos == len(self.order):
-                self.order, self.pos = self._permute(), 0
-            take = min(need, len(self.order) - self.pos)
-            parts.append(self.order[self.pos:self.pos + take])
-            self.pos += take
-            need -= take
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def state_dict(self) -> dict:
-        return {"order": self.order.cpu(), "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order = state["order"].to(self.pool.device)
-        self.pos = int(state["pos"])
+    def at(self, step: int) -> np.ndarray:
+        """The indices of step `step` (0-based), on the host."""
+        n, size = self.batch, len(self.pool)
+        if n == 0 or size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if self.drop_last:
+            per_epoch = size // n
+            e, k = divmod(step, per_epoch)
+            return self.epoch(e)[k * n:(k + 1) * n]
+        start = step * n  # one endless sequence of permutations
+        parts = [self.epoch(e)[max(start - e * size, 0):min(start + n - e * size, size)]
+                 for e in range(start // size, (start + n - 1) // size + 1)]
+        return np.concatenate(parts)

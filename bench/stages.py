@@ -26,6 +26,9 @@ from bench import checkpoint
 from bench.config import IDENTITY_EXCLUDED
 from bench.io import atomic_write_text
 
+# Bumped when what a stage computes from the same config changes (2: images and augmentations
+# drawn from (seed, step)), so older cached stages are not reused.
+STAGE_FORMAT = 2
 SPLIT_KEYS = {"label_fraction", "labels_per_class", "val_fraction", "unlabeled_pool"}
 MECHANICS_KEYS = {"eval_every", "ckpt_every", "log_every"}
 
@@ -53,7 +56,7 @@ def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any
             name = key[len(stage.prefix):]
             options = {**CORE_OPTIONS, **method_cls.options}
             assert name in options, f"stage option {key} names no option of {method_cls.name}"
-            scfg[name] = options[name].convert(name, value)
+            scfg[name] = options[name].convert(name, value, flag=key)  # errors name the run's flag
     scfg["method"], scfg["preset"] = method_cls.name, cfg.get("preset")
     return scfg
 
@@ -65,8 +68,8 @@ def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_ha
         ignored |= SPLIT_KEYS  # a label-free stage sees every training image, whatever the split
         split_hash = ""
     key = {k: v for k, v in scfg.items() if k not in ignored}
-    blob = json.dumps({"config": key, "previous": previous, "data": dataset_hash, "split": split_hash},
-                      sort_keys=True, default=str)
+    blob = json.dumps({"config": key, "previous": previous, "data": dataset_hash, "split": split_hash,
+                       "format": STAGE_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -98,7 +101,9 @@ def stage_result(stage_dir: Path) -> dict[str, Any]:
 
 def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: bool) -> None:
     """Load encoder (and, if `keep_head`, classifier) weights with an explicit key mapping:
-    every encoder weight must load; only the head and decoder may differ between stages."""
+    every encoder weight must load; only the head and decoder may differ between stages. A head
+    that does not carry over is re-drawn as MAE and Semi-ViT fine-tune from a pretrained encoder:
+    truncated normal with std 2e-5, zero bias, so the first steps do not disturb the encoder."""
     own = model.state_dict()
     take = {k: v for k, v in state.items() if k.startswith("vit.") and (keep_head or not k.startswith("vit.head"))}
     missing = [k for k in own if k.startswith("vit.") and k not in take and not k.startswith("vit.head")]
@@ -106,3 +111,19 @@ def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: 
         raise RuntimeError(f"stage weights lack encoder parameters {missing[:3]}")
     result = model.load_state_dict(take, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
+    head = model.vit.head
+    if not keep_head and isinstance(head, torch.nn.Linear):
+        with torch.no_grad():
+            torch.nn.init.trunc_normal_(head.weight, std=2e-5)
+            torch.nn.init.zeros_(head.bias)
+
+
+def digest(state: dict[str, torch.Tensor], part: str = "encoder") -> str:
+    """sha256 of the encoder tensors (or the classifier head's, `part="head"`) of a state dict:
+    the run record names the weights a stage handed on, and a test can check they arrived."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        if k.startswith("vit.") and k.startswith("vit.head") == (part == "head"):
+            h.update(k.encode())
+            h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -22,7 +22,7 @@ from bench.method import get_method
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"
 KEYS = {"description", "methods", "fixed", "axes", "variants", "seeds", "metric", "figure", "datasets",
         "preset", "reference"}
-METRICS = ("test_acc", "test_acc_ema", "test_acc_selected")
+METRICS = ("test_acc", "test_acc_ema", "test_acc_selected", "val_acc", "val_acc_ema", "selected_val_acc")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Every view is one per-sample affine resampling (`affine_grid` + `grid_sample`, mirrored borders)
 that does the crop, flip, geometric RandAugment ops and the resize to the model's resolution in
 a single pass, plus batched colour ops (`torch.where` over per-sample op choices) and Cutout.
-All randomness comes from the run's seeded generator: no per-image Python, same code on CPU.
+Every random number comes from the run's `StepRandom`, drawn per image by its row in the step
+(`bench.randomness`): no per-image Python, same code on CPU.
 
 - eval:   resize only.
 - weak:   random translation by up to `pad_frac` of the side (= reflect-pad + random crop) + flip.
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.batch import Images
+from bench.randomness import Draws, StepRandom
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # RandAugment ops. Geometric ops go into the affine matrix; colour ops act on pixels.
@@ -35,81 +39,80 @@ MAX_ENHANCE = 0.9     # brightness/contrast/colour/sharpness factor 1 +- this
 
 
 class Views:
-    def __init__(self, out_size: int, generator: torch.Generator, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    def __init__(self, out_size: int, random: StepRandom, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  pad_frac: float = 0.125, randaug_ops: int = 2, randaug_mag: float = 10.0,
                  randaug_prob: float = 0.5, cutout_frac: float = 0.5,
                  mae_scale: tuple[float, float] = (0.2, 1.0)):
         self.out_size = out_size
-        self.generator = generator
+        self.random = random
         self.pad_frac = pad_frac
         self.randaug_ops = randaug_ops
         self.randaug_mag = randaug_mag
         self.randaug_prob = randaug_prob
         self.cutout_frac = cutout_frac
         self.mae_scale = mae_scale
-        dev = generator.device
+        dev = random.device
         self.mean = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=dev).view(1, 3, 1, 1)
 
-    # -- the views -----------------------------------------------------------------------------
-    def eval(self, x: Tensor) -> Tensor:
-        img = _to_float(x)
+    # -- the views: each takes `Images` (or a bare uint8 tensor) -------------------------------
+    def eval(self, x: Images | Tensor) -> Tensor:
+        img = _to_float(_pixels(x))
         if img.shape[-1] != self.out_size or img.shape[-2] != self.out_size:
             img = F.interpolate(img, size=(self.out_size, self.out_size), mode="bilinear",
                                 align_corners=False, antialias=True)
         return self._normalise(img)
 
-    def weak(self, x: Tensor) -> Tensor:
-        theta = self._flip(self._translate(_identity(len(x), x.device), x.shape[1]))
-        return self._normalise(self._resample(_to_float(x), theta))
+    def weak(self, x: Images | Tensor) -> Tensor:
+        d, px = self.random.on(x), _pixels(x)
+        theta = self._flip(d, self._translate(d, _identity(len(px), px.device), px.shape[1]))
+        return self._normalise(self._resample(_to_float(px), theta))
 
-    def strong(self, x: Tensor) -> Tensor:
-        n, dev = len(x), x.device
-        theta = self._flip(self._translate(_identity(n, dev), x.shape[1]))
-        img = _to_float(x)
+    def strong(self, x: Images | Tensor) -> Tensor:
+        d, px = self.random.on(x), _pixels(x)
+        n, dev = len(px), px.device
+        theta = self._flip(d, self._translate(d, _identity(n, dev), px.shape[1]))
+        img = _to_float(px)
         for _ in range(self.randaug_ops):
-            op = torch.randint(len(OPS), (n,), generator=self.generator, device=dev)
-            skipped = self._uniform(n, dev) >= self.randaug_prob
+            op = d.randint(0, len(OPS))
+            skipped = d.uniform() >= self.randaug_prob
             op = torch.where(skipped, OPS.index("identity"), op)
-            strength = self._uniform(n, dev) * (self.randaug_mag / 10)
-            sign = torch.where(self._uniform(n, dev) < 0.5, -1.0, 1.0)
+            strength = d.uniform() * (self.randaug_mag / 10)
+            sign = torch.where(d.uniform() < 0.5, -1.0, 1.0)
             theta = theta @ _geometric(op, strength * sign)
             img = _colour(img, op - len(GEOMETRIC_OPS), strength, sign)
         img = self._resample(img, theta)
-        return self._normalise(self._cutout(img))
+        return self._normalise(self._cutout(d, img))
 
-    def mae(self, x: Tensor) -> Tensor:
-        n, dev = len(x), x.device
+    def mae(self, x: Images | Tensor) -> Tensor:
+        d, px = self.random.on(x), _pixels(x)
+        n, dev = len(px), px.device
         lo, hi = self.mae_scale
-        area = lo + (hi - lo) * self._uniform(n, dev)
-        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * self._uniform(n, dev)
+        area = lo + (hi - lo) * d.uniform()
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * d.uniform()
         sx = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # crop width / image width
         sy = torch.sqrt(area / log_ratio.exp()).clamp(max=1.0)
-        cx = (1 - sx) * (2 * self._uniform(n, dev) - 1)  # crop centre keeps the crop inside
-        cy = (1 - sy) * (2 * self._uniform(n, dev) - 1)
+        cx = (1 - sx) * (2 * d.uniform() - 1)  # crop centre keeps the crop inside
+        cy = (1 - sy) * (2 * d.uniform() - 1)
         theta = _identity(n, dev)
         theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = sx, sy, cx, cy
-        return self._normalise(self._resample(_to_float(x), self._flip(theta)))
+        return self._normalise(self._resample(_to_float(px), self._flip(d, theta)))
 
-    def labeled(self, x: Tensor, kind: str) -> Tensor:
+    def labeled(self, x: Images | Tensor, kind: str) -> Tensor:
         return {"weak": self.weak, "strong": self.strong, "mae": self.mae, "eval": self.eval}[kind](x)
 
     # -- pieces --------------------------------------------------------------------------------
-    def _uniform(self, n: int, dev) -> Tensor:
-        return torch.rand(n, generator=self.generator, device=dev)
-
-    def _translate(self, theta: Tensor, side: int) -> Tensor:
+    def _translate(self, d: Draws, theta: Tensor, side: int) -> Tensor:
         """Whole-pixel shifts of up to pad_frac * side: at the native size the view is an exact
         crop of the mirror-padded image."""
         pad = int(round(self.pad_frac * side))
-        shift = torch.randint(-pad, pad + 1, (len(theta), 2), generator=self.generator,
-                              device=theta.device).float()
+        shift = d.randint(-pad, pad + 1, 2).float()
         theta = theta.clone()
         theta[:, :, 2] += shift * (2 / side)
         return theta
 
-    def _flip(self, theta: Tensor) -> Tensor:
-        flip = torch.where(self._uniform(len(theta), theta.device) < 0.5, -1.0, 1.0)
+    def _flip(self, d: Draws, theta: Tensor) -> Tensor:
+        flip = torch.where(d.uniform() < 0.5, -1.0, 1.0)
         theta = theta.clone()
         theta[:, :, 0] *= flip[:, None]  # mirror the output's x axis
         return theta
@@ -118,14 +121,14 @@ class Views:
         grid = F.affine_grid(theta, [len(img), 3, self.out_size, self.out_size], align_corners=False)
         return F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
-    def _cutout(self, img: Tensor) -> Tensor:
+    def _cutout(self, d: Draws, img: Tensor) -> Tensor:
         """A square of side cutout_frac * S at a random centre (clipped) set to grey."""
         n, _, h, w = img.shape
         side = self.cutout_frac * min(h, w)
         if side <= 0:
             return img
-        cy = self._uniform(n, img.device) * h
-        cx = self._uniform(n, img.device) * w
+        cy = d.uniform() * h
+        cx = d.uniform() * w
         rows = torch.arange(h, device=img.device).view(1, h, 1) + 0.5
         cols = torch.arange(w, device=img.device).view(1, 1, w) + 0.5
         inside = ((rows - cy.view(n, 1, 1)).abs() < side / 2) & ((cols - cx.view(n, 1, 1)).abs() < side / 2)
@@ -133,6 +136,10 @@ class Views:
 
     def _normalise(self, img: Tensor) -> Tensor:
         return (img - self.mean) / self.std
+
+
+def _pixels(x: Images | Tensor) -> Tensor:
+    return x.x if isinstance(x, Images) else x
 
 
 def _to_float(x: Tensor) -> Tensor:

@@ -6,12 +6,12 @@ the strong view.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from bench.method import Batch, Method, register
+from bench.batch import Batch
+from bench.method import Method, register
 from bench.options import Option, positive, unit_closed
-from bench.pseudo import PseudoLabels, admission_logs, require_reachable, threshold
+from bench.pseudo import PseudoLabels, require_reachable, threshold
 
 
 def unlabeled_options(tau: float, mu: float, lambda_u: float, teacher: str) -> dict[str, Option]:
@@ -41,18 +41,14 @@ class FixMatch(Method):
         super().check(cfg, num_classes, split)
         require_reachable(cls.name, cfg, num_classes, "tau")
 
-    def pseudo_label(self, x_weak: Tensor, y_true: Tensor | None) -> tuple[PseudoLabels, dict[str, Tensor]]:
+    def pseudo_label(self, x_weak: Tensor) -> PseudoLabels:
         pl = threshold(self.teacher_probs(x_weak, self.cfg["teacher"]), self.cfg["tau"])
-        return pl, admission_logs(pl, y_true)
-
-    def unlabeled_loss(self, x_strong: Tensor, pl: PseudoLabels) -> Tensor:
-        per_sample = F.cross_entropy(self.model(x_strong).float(), pl.labels, reduction="none")
-        return (per_sample * pl.mask.float()).mean()  # over all muB images, as FixMatch
+        self.log_pseudo_labels(pl)
+        return pl
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        x_weak = self.views.weak(batch.x_u)
-        pl, logs = self.pseudo_label(x_weak, batch.y_u)
-        loss_sup = self.supervised_loss(batch.x_l, batch.y_l)
-        loss_unsup = self.unlabeled_loss(self.views.strong(batch.x_u), pl)
+        pl = self.pseudo_label(self.views.weak(batch.u))
+        loss_sup = self.supervised_loss(batch.l, batch.y_l)
+        loss_unsup = self.hard_pseudo_label_loss(self.views.strong(batch.u), pl)
         loss = loss_sup + self.cfg["lambda_u"] * loss_unsup
-        return loss, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(), **logs}
+        return loss, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach()}

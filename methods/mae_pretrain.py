@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.method import Batch, Method, register
+from bench.batch import Batch
+from bench.method import Method, register
 from bench.options import Option, non_negative, positive, unit_open
 from bench.stages import Stage
 
@@ -28,7 +29,7 @@ class MAEPretrain(Method):
         return self.cfg["batch_size"]
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        loss, _, _ = self.model.forward_mae(self.views.mae(batch.x_u), self.cfg["mask_ratio"], self.generator)
+        loss = self.reconstruction_loss(self.views.mae(batch.u), batch.u, self.cfg["mask_ratio"])
         return loss, {"loss_rec": loss.detach()}
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bench.method import Batch, register
+from bench.batch import Batch, Images
+from bench.method import register
 from bench.options import Option, unit_open
 from methods.fixmatch import FixMatch, unlabeled_options
 
@@ -28,22 +29,22 @@ class SemiMAE(FixMatch):
     recipe = FixMatch.recipe  # METHODS.md 1.3: the FixMatch branch, plain CE on weak labeled views
     uses_decoder = True
 
-    def mae_input(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> Tensor:
+    def mae_input(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> tuple[Tensor, Images]:
+        """The views the MAE branch reconstructs, and the images they show."""
         kind = self.cfg["mae_input"]
         if kind == "weak_unlabeled":
-            return x_weak
+            return x_weak, batch.u
         if kind == "strong":
-            return x_strong
-        return torch.cat([self.views.weak(batch.x_l), x_weak])
+            return x_strong, batch.u
+        return torch.cat([self.views.weak(batch.l), x_weak]), Images.cat(batch.l, batch.u)
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        x_weak, x_strong = self.views.weak(batch.x_u), self.views.strong(batch.x_u)
-        pl, logs = self.pseudo_label(x_weak, batch.y_u)
-        loss_sup = self.supervised_loss(batch.x_l, batch.y_l)
-        loss_unsup = self.unlabeled_loss(x_strong, pl)
-        loss_rec, _, _ = self.model.forward_mae(self.mae_input(batch, x_weak, x_strong), cfg["mask_ratio"],
-                                               self.generator)
+        x_weak, x_strong = self.views.weak(batch.u), self.views.strong(batch.u)
+        pl = self.pseudo_label(x_weak)
+        loss_sup = self.supervised_loss(batch.l, batch.y_l)
+        loss_unsup = self.hard_pseudo_label_loss(x_strong, pl)
+        loss_rec = self.reconstruction_loss(*self.mae_input(batch, x_weak, x_strong), cfg["mask_ratio"])
         loss = loss_sup + cfg["lambda_u"] * loss_unsup + cfg["lambda_rec"] * loss_rec
         return loss, {"loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(),
-                      "loss_rec": loss_rec.detach(), **logs}
+                      "loss_rec": loss_rec.detach()}

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bench.batch import Batch, Images
 from bench.errors import UsageError
-from bench.method import Batch, Method, register
+from bench.method import Method, register, weighted_mean
 from bench.options import Option, non_negative, positive, unit_closed, unit_open
-from bench.pseudo import PseudoLabelMemory, ValidationGate, admission_logs, agreeing, require_reachable, threshold
+from bench.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, agreeing, require_reachable, threshold
 
 
 @register("ssmae")
@@ -80,43 +81,36 @@ class SSMAE(Method):
         self.gate = ValidationGate(cfg["gate_threshold"], cfg["confidence"], cfg["gate_warmup_steps"],
                                    min_confident=cfg["gate_min_confident"], always_open=not cfg["gate"])
 
-    def admit(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> dict[str, Tensor]:
+    def admit(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> None:
         """Score the unlabeled batch on both views (one no-grad pass) and update the memory."""
         c = self.cfg["confidence"]
         probs = self.teacher_probs(torch.cat([x_weak, x_strong]))
         weak, strong = threshold(probs[: len(x_weak)], c, strict=True), threshold(probs[len(x_weak):], c, strict=True)
         if self.cfg["agreement"]:
             weak = agreeing(weak, strong)
-        if self.cfg["memory"] == "rescored":
-            self.memory.admit(batch.idx_u, weak.labels, weak.mask, overwrite=True)
-            self.memory.forget(batch.idx_u, ~weak.mask)
-        else:
-            self.memory.admit(batch.idx_u, weak.labels, weak.mask)
-        return admission_logs(weak, batch.y_u, prefix="admit")
+        self.memory.admit(batch.idx_u, weak.labels, weak.mask, rescore=self.cfg["memory"] == "rescored")
+        self.log_pseudo_labels(weak, "admit")  # the new labels, among the images scored this step
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        x_weak = self.views.weak(batch.x_u)
-        logs: dict[str, Tensor] = {}
+        x_weak = self.views.weak(batch.u)
         if self.gate.is_open:  # the teacher passes are skipped while the gate is closed
-            logs.update(self.admit(batch, x_weak, self.views.strong(batch.x_u)))
+            self.admit(batch, x_weak, self.views.strong(batch.u))
         pseudo = self.memory.lookup(batch.idx_u)
         used = pseudo >= 0
+        self.log_pseudo_labels(PseudoLabels(pseudo.clamp(min=0), None, used))  # the labels this step trains
         # One CE over labeled + admitted unlabeled images: a pseudo-labeled image weighs as a labeled one.
-        x_l = self.views.labeled(batch.x_l, cfg["labeled_view"])
+        x_l = self.views.labeled(batch.l, cfg["labeled_view"])
         # Before the gate first opens the memory is empty and every unlabeled weight 0: skip those images.
         logits = self.model(torch.cat([x_l, x_weak]) if self.gate.has_opened else x_l).float()
         targets = torch.cat([batch.y_l, pseudo.clamp(min=0)])[: len(logits)]
         weights = torch.cat([torch.ones_like(batch.y_l, dtype=torch.float), used.float()])[: len(logits)]
         ce = F.cross_entropy(logits, targets, reduction="none", label_smoothing=cfg["label_smoothing"])
-        loss_cls = (ce * weights).sum() / weights.sum()
-        x_mae = self.views.labeled(torch.cat([batch.x_l, batch.x_u]), cfg["mae_view"])
-        loss_rec, _, _ = self.model.forward_mae(x_mae, cfg["mask_ratio"], self.generator)
+        loss_cls = weighted_mean(ce, weights)
+        images = Images.cat(batch.l, batch.u)
+        loss_rec = self.reconstruction_loss(self.views.labeled(images, cfg["mae_view"]), images, cfg["mask_ratio"])
         loss = cfg["lambda_rec"] * loss_rec + cfg["lambda_cls"] * loss_cls
-        correct = ((pseudo == batch.y_u) & used).float().sum()
-        logs.update({"loss_cls": loss_cls.detach(), "loss_rec": loss_rec.detach(),
-                     "pl_rate": used.float().mean(), "pl_precision": torch.stack([correct, used.float().sum()])})
-        return loss, logs
+        return loss, {"loss_cls": loss_cls.detach(), "loss_rec": loss_rec.detach()}
 
     def on_validation(self, val, step: int) -> dict[str, float]:
         source = val["raw"] if self.cfg["gate_split"] == "val" else self.evaluate_indices(self.data.labeled)

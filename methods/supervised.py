@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.method import Batch, Method, register
+from bench.batch import Batch
+from bench.method import Method, register
 
 
 @register("supervised")
@@ -18,5 +19,5 @@ class Supervised(Method):
     recipe = {"label_smoothing": 0.1, "labeled_view": "strong", "mixup_alpha": 0.8, "cutmix_alpha": 1.0}
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = self.supervised_loss(batch.x_l, batch.y_l)
+        loss = self.supervised_loss(batch.l, batch.y_l)
         return loss, {"loss_sup": loss.detach()}

@@ -84,9 +84,10 @@ def assert_rejected(code, lines, err, words, results):
     assert not results.exists() or not any(results.rglob("*")), "bad input wrote results"
 
 
-def smoke_trainer(method, data, run_dir, log=None, warn=None, **cli):
-    """A Trainer for `method` at the smoke preset plus `cli` options, on a seeded 25 % label split."""
+def smoke_trainer(method, data, run_dir, log=None, warn=None, split=None, **cli):
+    """A Trainer for `method` at the smoke preset plus `cli` options, on a seeded 25 % label split
+    (or `split`)."""
     cfg = resolve(get_method(method), preset="smoke", cli={"progress": False, **cli})
-    split = make_split(data.train_y, data.num_classes, label_fraction=0.25, seed=0)
+    split = split or make_split(data.train_y, data.num_classes, label_fraction=0.25, seed=0)
     extra = {k: v for k, v in (("log", log), ("warn", warn)) if v is not None}
     return Trainer(cfg, get_method(method), data, split, run_dir, **extra)

@@ -1,7 +1,13 @@
 """Mixup / CutMix: mixed images and targets, the cutmix area correction, seeded parameters."""
+import numpy as np
 import torch
 
 from bench.mixing import mix, one_hot_smooth, prob_pseudo_mix_lambda, sample_mix_params
+from bench.randomness import StepRandom
+
+
+def draws(n, seed=0):
+    return StepRandom(seed).on(torch.zeros(n, 1))
 
 
 def constant_images(n, size=10):
@@ -18,7 +24,7 @@ def test_mixup_is_a_convex_combination():
     x, y = constant_images(4), one_hot_smooth(torch.arange(4), 4)
     perm = torch.tensor([3, 2, 1, 0])
     lam = torch.tensor([0.7, 0.2, 1.0, 0.5])
-    xm, tm, lam_eff = mix(x, y, lam, perm, torch.zeros(4, dtype=torch.bool), torch.Generator().manual_seed(0))
+    xm, tm, lam_eff = mix(x, y, lam, perm, torch.zeros(4, dtype=torch.bool), draws(4))
     assert torch.equal(lam_eff, lam)
     for i in range(4):
         assert torch.allclose(xm[i], lam[i] * x[i] + (1 - lam[i]) * x[perm[i]])
@@ -31,7 +37,7 @@ def test_cutmix_lambda_is_corrected_to_the_clipped_box_area():
     g = torch.Generator().manual_seed(0)
     lam = torch.rand(n, generator=g)
     perm = torch.roll(torch.arange(n), 1)
-    xm, tm, lam_eff = mix(x, y, lam, perm, torch.ones(n, dtype=torch.bool), g)
+    xm, tm, lam_eff = mix(x, y, lam, perm, torch.ones(n, dtype=torch.bool), draws(n))
     own = (xm == x).all(dim=1).flatten(1).float().mean(1)
     assert torch.allclose(own, lam_eff)
     assert (lam_eff >= lam - 0.1).all()   # clipping only shrinks the box (up to pixel rounding)
@@ -41,15 +47,17 @@ def test_cutmix_lambda_is_corrected_to_the_clipped_box_area():
 
 def test_mix_params_are_seeded_and_respect_the_mode():
     def draw(seed):
-        torch.manual_seed(seed)
-        return sample_mix_params(8, 0.8, 1.0, 0.5, torch.Generator().manual_seed(seed), "cpu")
+        return sample_mix_params(draws(8, seed), 0.8, 1.0, 0.5, np.random.default_rng(seed))
     a, b = draw(0), draw(0)
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert any(not torch.equal(u, v) for u, v in zip(a, draw(1)))
-    lam, perm, cut = sample_mix_params(8, 0.0, 1.0, 0.5, torch.Generator(), "cpu")
+    lam, perm, cut = sample_mix_params(draws(8), 0.0, 1.0, 0.5, np.random.default_rng(0))
     assert cut.all() and sorted(perm.tolist()) == list(range(8)) and ((lam >= 0) & (lam <= 1)).all()
-    _, _, cut = sample_mix_params(8, 0.4, 0.0, 0.5, torch.Generator(), "cpu")
+    _, _, cut = sample_mix_params(draws(8), 0.4, 0.0, 0.5, np.random.default_rng(0))
     assert not cut.any()
+    # one lambda per batch; over many batches cutmix is chosen about half the time
+    modes = [bool(sample_mix_params(draws(8), 0.8, 1.0, 0.5, np.random.default_rng(s))[2][0]) for s in range(400)]
+    assert 0.4 < sum(modes) / len(modes) < 0.6
 
 
 def test_prob_pseudo_mix_lambda_pairs_sum_to_one():

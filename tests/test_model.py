@@ -24,8 +24,9 @@ def tiny(with_decoder: bool = True, seed: int = 0, **kw) -> ViTMAE:
     return build_model(tiny_cfg(**kw), K, with_decoder=with_decoder)
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def noise(b: int = 4, patches: int = 64, seed: int = 0) -> torch.Tensor:
+    """Per-image masking noise, as `Method.reconstruction_loss` draws it."""
+    return torch.rand(b, patches, generator=torch.Generator().manual_seed(seed))
 
 
 def images(b: int = 4, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -41,7 +42,7 @@ def test_forward_and_features_shapes_without_decoder():
     assert model.features(x).shape == (4, 64)
     assert (model.patch_size, model.num_patches, model.num_prefix_tokens, model.num_layers) == (4, 64, 1, 2)
     with pytest.raises(RuntimeError, match="without an MAE decoder"):
-        model.forward_mae(x, 0.75, gen())
+        model.forward_mae(x, 0.75, noise())
 
 
 # -- patchify --------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def test_random_masking_counts_and_restore(ratio):
     model = tiny(with_decoder=False)
     B, L, D = 6, 64, 3
     x = torch.arange(B * L, dtype=torch.float32).reshape(B, L, 1).expand(B, L, D).clone()
-    x_kept, mask, ids_restore = model.random_masking(x, ratio, gen())
+    x_kept, mask, ids_restore = model.random_masking(x, ratio, noise(B))
     keep = int(L * (1 - ratio))
     assert x_kept.shape == (B, keep, D)
     assert mask.shape == (B, L) and ids_restore.shape == (B, L)
@@ -91,17 +92,17 @@ def test_random_masking_counts_and_restore(ratio):
     assert torch.all(restored[mask == 1] == -1)
 
 
-def test_random_masking_differs_between_samples_and_follows_the_given_generator():
+def test_random_masking_removes_the_tokens_with_the_largest_noise():
     model = tiny(with_decoder=False)
     x = torch.randn(8, 64, 4)
-    torch.manual_seed(3)
-    _, mask_a, _ = model.random_masking(x, 0.75, gen(3))
-    assert len({tuple(m.tolist()) for m in mask_a}) == 8
-    torch.manual_seed(4)  # the global RNG plays no part: a resumed run masks as an uninterrupted one
-    _, mask_b, _ = model.random_masking(x, 0.75, gen(3))
-    assert torch.equal(mask_a, mask_b)
-    _, mask_c, _ = model.random_masking(x, 0.75, gen(5))
-    assert not torch.equal(mask_a, mask_c)
+    z = noise(8, seed=3)
+    _, mask, _ = model.random_masking(x, 0.75, z)
+    assert len({tuple(m.tolist()) for m in mask}) == 8       # every image its own mask
+    cut = z.sort(dim=1).values[:, 16:17]                     # the 17th smallest noise of each row
+    assert torch.equal(mask.bool(), z >= cut)                # the 16 smallest are kept
+    torch.manual_seed(4)  # the global RNG plays no part: the noise alone decides
+    assert torch.equal(model.random_masking(x, 0.75, z)[1], mask)
+    assert not torch.equal(model.random_masking(x, 0.75, noise(8, seed=5))[1], mask)
 
 
 # -- masked encoding for several token layouts -----------------------------------------------
@@ -123,12 +124,12 @@ def test_masked_encoder_and_decoder_for_token_layouts(layout, pos_embed):
     model = tiny(pos_embed=pos_embed, **kw).eval()
     n = model.num_prefix_tokens
     x = images(3)
-    latent, mask, ids_restore = model.forward_encoder_masked(x, 0.75, gen())
+    latent, mask, ids_restore = model.forward_encoder_masked(x, 0.75, noise(3))
     assert latent.shape == (3, n + 16, 64)
     assert mask.shape == (3, 64)
     pred = model.forward_decoder(latent, ids_restore)
     assert pred.shape == (3, 64, 48)
-    loss, _, _ = model.forward_mae(x, 0.75, gen())
+    loss, _, _ = model.forward_mae(x, 0.75, noise(3))
     assert torch.isfinite(loss)
     assert model(x).shape == (3, K)
     # with nothing removed, the masked path is the plain encoder (then MAE's latent norm, where
@@ -137,7 +138,7 @@ def test_masked_encoder_and_decoder_for_token_layouts(layout, pos_embed):
         full = model.vit.forward_features(x)
         if model.mae_norm is not None:
             full = model.mae_norm(full)
-        latent, mask, ids_restore = model.forward_encoder_masked(x, 0.0, gen())
+        latent, mask, ids_restore = model.forward_encoder_masked(x, 0.0, noise(3))
     assert mask.sum() == 0
     unshuffled = torch.gather(latent[:, n:], 1, ids_restore.unsqueeze(-1).expand(-1, -1, 64))
     torch.testing.assert_close(latent[:, :n], full[:, :n], atol=1e-5, rtol=1e-4)
@@ -149,10 +150,10 @@ def test_avg_pool_models_normalise_the_latent_before_decoding():
     must still decode normalised tokens, through a norm that its loss trains."""
     model = tiny(global_pool="avg")
     assert isinstance(model.vit.norm, torch.nn.Identity) and model.mae_norm is not None
-    latent, _, _ = model.forward_encoder_masked(images(), 0.75, gen())
+    latent, _, _ = model.forward_encoder_masked(images(), 0.75, noise())
     torch.testing.assert_close(latent.mean(-1), torch.zeros(latent.shape[:2]), atol=1e-4, rtol=0)
     torch.testing.assert_close(latent.std(-1, unbiased=False), torch.ones(latent.shape[:2]), atol=1e-2, rtol=0)
-    model.forward_mae(images(), 0.75, gen())[0].backward()
+    model.forward_mae(images(), 0.75, noise())[0].backward()
     assert model.mae_norm.weight.grad.abs().sum() > 0
     assert tiny(global_pool="token").mae_norm is None  # the encoder's own final norm serves
     assert tiny(global_pool="avg", with_decoder=False).mae_norm is None
@@ -163,8 +164,8 @@ def test_masked_encoding_runs_without_stochastic_depth():
     x = images()
     with torch.no_grad():
         assert not torch.equal(model(x), model(x))  # the classification pass drops paths
-        a = model.forward_encoder_masked(x, 0.75, gen(2))[0]
-        b = model.forward_encoder_masked(x, 0.75, gen(2))[0]
+        a = model.forward_encoder_masked(x, 0.75, noise(seed=2))[0]
+        b = model.forward_encoder_masked(x, 0.75, noise(seed=2))[0]
     assert torch.equal(a, b)
     assert model.vit.blocks[1].drop_path1.training  # switched off for the masked pass only
 
@@ -181,7 +182,7 @@ def test_layouts_have_the_expected_prefix_tokens():
 def masked_setup(norm_pix: bool = False):
     model = tiny(norm_pix_loss=norm_pix)
     x = images(2)
-    _, mask, _ = model.random_masking(torch.zeros(2, 64, 1), 0.75, gen(5))
+    _, mask, _ = model.random_masking(torch.zeros(2, 64, 1), 0.75, noise(2, seed=5))
     return model, x, mask
 
 
@@ -210,7 +211,7 @@ def test_norm_pix_loss_normalises_each_patch():
 
 def test_mae_gradients_reach_encoder_blocks_and_decoder():
     model = tiny()
-    loss, pred, mask = model.forward_mae(images(), 0.75, gen())
+    loss, pred, mask = model.forward_mae(images(), 0.75, noise())
     loss.backward()
     params = dict(model.named_parameters())
     for name in ("vit.patch_embed.proj.weight", "vit.pos_embed", "vit.cls_token", "vit.blocks.0.attn.qkv.weight",
@@ -227,12 +228,11 @@ def test_mae_loss_falls_on_a_fixed_batch():
 
     def fixed_mask_loss() -> float:
         with torch.no_grad():
-            return model.forward_mae(x, 0.75, gen(11))[0].item()
+            return model.forward_mae(x, 0.75, noise(8, seed=11))[0].item()
 
     before = fixed_mask_loss()
-    g = gen(1)
-    for _ in range(20):
-        loss, _, _ = model.forward_mae(x, 0.75, g)
+    for i in range(20):
+        loss, _, _ = model.forward_mae(x, 0.75, noise(8, seed=100 + i))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -274,7 +274,7 @@ def test_sincos_is_fixed_frozen_and_deterministic():
     table = sincos_2d(8, 2, 3)  # rows in the first half, columns in the second
     assert torch.equal(table[0, :4], table[1, :4]) and not torch.equal(table[0, 4:], table[1, 4:])
     assert torch.equal(table[0, 4:], table[3, 4:]) and not torch.equal(table[0, :4], table[3, :4])
-    loss, _, _ = a.forward_mae(images(), 0.75, gen())
+    loss, _, _ = a.forward_mae(images(), 0.75, noise())
     loss.backward()
     assert a.vit.pos_embed.grad is None and a.decoder.pos_embed.grad is None
     learned = tiny(seed=0)
@@ -311,4 +311,4 @@ def test_img_size_not_divisible_by_patch(img_size, patch_size):
 def test_patch_size_none_uses_the_names():
     model = build_model(tiny_cfg(patch_size=None), K, with_decoder=True)
     assert model.patch_size == 16 and model.num_patches == 4
-    assert model.forward_mae(images(2), 0.5, gen())[1].shape == (2, 4, 16 * 16 * 3)
+    assert model.forward_mae(images(2), 0.5, noise(2, 4))[1].shape == (2, 4, 16 * 16 * 3)

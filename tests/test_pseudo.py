@@ -3,7 +3,7 @@ import torch
 
 from bench.ema import EMA
 from bench.evaluate import Evaluation
-from bench.pseudo import PseudoLabelMemory, ValidationGate, admission_logs, agreeing, threshold
+from bench.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, admission_logs, agreeing, threshold
 
 
 def probs(rows):
@@ -23,11 +23,15 @@ def test_agreement_needs_both_views_confident_and_equal():
     assert agreeing(weak, strong).mask.tolist() == [True, False, False, False]
 
 
-def test_admission_precision_is_a_ratio_of_counts():
+def test_admission_rate_confidence_and_precision_are_pairs_of_counts():
     pl = threshold(probs([[0.99, 0.01], [0.01, 0.99], [0.6, 0.4]]), 0.9)
     logs = admission_logs(pl, torch.tensor([0, 0, 0]))
-    assert torch.isclose(logs["pl_rate"], torch.tensor(2 / 3))
-    assert logs["pl_precision"].tolist() == [1.0, 2.0]  # 1 correct of 2 admitted
+    assert logs["pl_rate"].tolist() == [2.0, 3.0]           # 2 admitted of 3
+    assert logs["pl_precision"].tolist() == [1.0, 2.0]      # 1 correct of 2 admitted
+    torch.testing.assert_close(logs["pl_conf"], torch.tensor([0.99 + 0.99 + 0.6, 3.0]))
+    recalled = admission_logs(PseudoLabels(torch.tensor([1, 0]), None, torch.tensor([True, False])),
+                              torch.tensor([1, 1]), "admit")
+    assert set(recalled) == {"admit_rate", "admit_precision"}  # no confidence for recalled labels
 
 
 def test_memory_permanent_vs_rescored():
@@ -38,14 +42,23 @@ def test_memory_permanent_vs_rescored():
     # permanent: an admitted label is never revised
     mem.admit(idx, torch.tensor([4, 4, 4]), torch.tensor([True, True, True]))
     assert mem.labels.tolist() == [-1, 2, -1, 4, -1, 2]
-    # re-scored: overwritten and forgotten
-    mem.admit(idx, torch.tensor([0, 0, 0]), torch.tensor([True, False, False]), overwrite=True)
-    mem.forget(idx, torch.tensor([False, True, True]))
+    # re-scored: this step's admissions replace the batch's labels, the rest are forgotten
+    mem.admit(idx, torch.tensor([0, 0, 0]), torch.tensor([True, False, False]), rescore=True)
     assert mem.labels.tolist() == [-1, 0, -1, -1, -1, -1]
     assert len(mem) == 1
     other = PseudoLabelMemory(6, torch.device("cpu"))
     other.load_state_dict(mem.state_dict())
     assert torch.equal(other.labels, mem.labels)
+
+
+def test_an_image_twice_in_a_batch_takes_its_first_admitted_label():
+    for rescore in (False, True):
+        mem = PseudoLabelMemory(4, torch.device("cpu"))
+        idx = torch.tensor([2, 0, 2, 2, 0])
+        new = mem.admit(idx, torch.tensor([1, 3, 5, 0, 2]), torch.tensor([False, True, True, True, True]),
+                        rescore=rescore)
+        assert mem.labels.tolist() == [3, -1, 5, -1], rescore
+        assert new.tolist() == [False, True, True, False, False]
 
 
 def evaluation(n_correct_confident, n_wrong_confident, n_unsure):

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.batch import Images
+from bench.randomness import StepRandom
 from bench.views import IMAGENET_MEAN, IMAGENET_STD, Views
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -10,7 +12,7 @@ STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def views(size=16, seed=0, **kw):
-    return Views(size, torch.Generator().manual_seed(seed), **kw)
+    return Views(size, StepRandom(seed), **kw)
 
 
 def pixels(v):
@@ -80,11 +82,29 @@ def test_strong_view_cuts_out_a_grey_square_and_changes_colours():
     assert (weak - strong).abs().mean() > 0.02               # RandAugment changed the images
 
 
-def test_views_continue_identically_from_a_saved_generator_state():
+def test_views_are_a_function_of_seed_and_step():
     x = images()
     v = views()
-    v.strong(x)
-    state = v.generator.get_state()
-    after = v.strong(x)
-    v.generator.set_state(state)
-    assert torch.equal(v.strong(x), after)
+    v.random.begin(7)
+    first = v.strong(x)
+    v.random.begin(8)
+    assert not torch.equal(v.strong(x), first)               # the next step draws afresh
+    v.random.begin(7)
+    assert torch.equal(v.strong(x), first)                   # step 7 again: the same views
+    other = views(seed=1)
+    other.random.begin(7)
+    assert not torch.equal(other.strong(x), first)          # another seed, another stream
+
+
+def test_an_images_view_depends_on_its_row_not_on_its_batch_mates():
+    """Row r of a step gets the same augmentation whether it is viewed with the whole step or
+    alone: the property that lets ranks split a batch and still train on the same pixels."""
+    x = images(8)
+    whole = Images.whole(x)
+    for kind in ("weak", "strong", "mae"):
+        v = views()
+        v.random.begin(3)
+        together = v.labeled(whole, kind)
+        v.random.begin(3)
+        part = Images(x[5:], whole.rows[5:], whole.size, whole.universe)
+        assert torch.equal(v.labeled(part, kind), together[5:]), kind
