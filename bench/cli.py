@@ -155,9 +155,14 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                         "file under <results-dir>/studies)")
     parser.add_argument("--results-dir", default="results", help="output root holding runs/, studies/ and "
                         "reports/ (default: results)")
-    parser.add_argument("--report-dir", default=None, type=Path, help="write the report to REPORT_DIR/"
+    parser.add_argument("--report-dir", default=None, type=Path, help="write the report to REPORT_DIR/<study>/"
                         "<dataset>-<preset>/ (e.g. results/published) instead of "
                         "<results-dir>/reports/<study>/<dataset>-<preset>/")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="only these of the study's methods (a sub-grid; its cells are the study's own)")
+    parser.add_argument("--values", action="append", default=[], metavar="AXIS=V1,V2",
+                        help="only these values of an axis, e.g. --values label_fraction=0.01,0.1; a value the "
+                        "study does not list becomes a new cell of that axis (repeatable)")
 
 
 def cmd_report(argv: Sequence[str]) -> int:

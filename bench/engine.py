@@ -137,7 +137,8 @@ class Trainer:
         # No stream or generator state: what a step draws is a function of (seed, step).
         return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "forward_images": self.forwards.images, "selection": vars(self.selection).copy(),
+                "forward_images": self.forwards.images, "init": dict(self.init),
+                "selection": vars(self.selection).copy(),
                 "last_eval": dict(self.last_eval), "config": identity(self.cfg),
                 "health": (self.admitted, self.warned),
                 # a Ctrl-C checkpoint falls inside a log window: keep its partial sums
@@ -153,7 +154,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
-        self.forwards.images = state["forward_images"]
+        self.forwards.images, self.init = state["forward_images"], dict(state["init"])
         self.selection = Selection(**state["selection"])
         self.last_eval = dict(state["last_eval"])
         self.admitted, self.warned = state["health"]

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 from optuna.trial import TrialState
 
+from bench import compare
 from bench.io import atomic_write_text
 from bench.studies import Cell, StudySpec
 
@@ -50,9 +51,25 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
                 metrics = _json(run_dir / "metrics.json")
                 row.update(run_id=run_dir.name, trial=trial.number, **{k: result.get(k) for k in RESULTS})
                 row.update({k: _tail_mean(metrics, name, result.get("steps")) for k, name in HEALTH.items()})
+                row.update(budget_of(result))
                 row.update(provenance(record))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+BUDGET = ("labeled_images", "unlabeled_images", "forward_images")
+
+
+def budget_of(result: dict) -> dict[str, Any]:
+    """A run's budget with its earlier stages': optimizer steps per stage ("1500 + 500 + 2000",
+    stages first), and labeled, unlabeled and forward-pass images summed over all of them."""
+    parts = [s.get("budget") or {} for s in (result.get("stages") or {}).values()] + [result.get("budget") or {}]
+    if not parts[-1]:
+        return {}
+    out: dict[str, Any] = {"steps": " + ".join(str(p.get("steps", "?")) for p in parts)}
+    for key in BUDGET:
+        out[key] = sum(p.get(key, 0) for p in parts)
+    return out
 
 
 def provenance(record: dict) -> dict[str, Any]:
@@ -132,6 +149,27 @@ def pivot(summary: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     return table.fillna("—")
 
 
+def budget_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
+    """Per group, labelled as in the results table: what its runs consumed (every seed's is the
+    same, so its first finished run's) and, for studies with axes, the minutes they took."""
+    rows = []
+    for _, g in df.groupby("group", sort=False):
+        first, done = g.iloc[0], g.dropna(subset=["run_id"])
+        label = first["method"] + (f" [{first['variant']}]" if isinstance(first["variant"], str) else "")
+        label += "".join(f" {a}={first[a]}" for a in spec.axes)
+        run = done.iloc[0] if len(done) and "steps" in done and pd.notna(done.iloc[0]["steps"]) else None
+        row = {"label": label, "steps (stages + own)": run["steps"] if run is not None else "—"}
+        for k in BUDGET:
+            row[f"{k.replace('_', ' ')} (k)"] = f"{run[k] / 1e3:,.0f}" if run is not None else "—"
+        if spec.axes:
+            minutes, _, n = _stats(done["minutes"]) if "minutes" in done else (math.nan, math.nan, 0)
+            stages = _stats(done["stage_minutes"])[0] if "stage_minutes" in done else math.nan
+            row["minutes (+ stages)"] = "—" if not n else f"{minutes:.1f}" + (
+                f" (+ {stages:.1f})" if stages and not math.isnan(stages) else "")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("label") if rows else pd.DataFrame()
+
+
 def markdown(table: pd.DataFrame, title: str) -> str:
     cols = [str(c) for c in table.columns]
     lines = [f"### {title}", "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -152,25 +190,40 @@ def latex(table: pd.DataFrame, caption: str) -> str:
 
 def report_dir(spec: StudySpec, results_dir: Path, dataset: str, preset: str | None,
                under: Path | None = None) -> Path:
-    """`<under>/<dataset>-<preset>/`, by default under `<results_dir>/reports/<study>/`."""
-    under = under if under is not None else results_dir / "reports" / spec.name
-    return Path(under) / f"{dataset}-{Path(preset).stem if preset else 'default'}"
+    """`<under>/<study>/<dataset>-<preset>/`, `under` by default `<results_dir>/reports`: every
+    study's report keeps a folder of its own."""
+    under = under if under is not None else results_dir / "reports"
+    return Path(under) / spec.name / f"{dataset}-{Path(preset).stem if preset else 'default'}"
 
 
 def write_report(spec: StudySpec, study, cells: list[Cell], results_dir: Path, dataset: str,
                  preset: str | None, under: Path | None = None) -> Path:
-    """Write runs.csv, summary.csv, table.{csv,md,tex}, figure.{png,pdf}, curves.{png,pdf}."""
+    """Write runs.csv, summary.csv, table.{csv,md,tex}, budget.csv, differences.csv,
+    figure.{png,pdf}, curves.{png,pdf}."""
     out = report_dir(spec, results_dir, dataset, preset, under)
     df = collect(spec, study, cells, results_dir)
     summary = summarise(df, spec)
     refs = reference_rows(spec, dataset)
     shown = pd.concat([summary, refs], ignore_index=True) if len(refs) else summary
     table = pivot(shown, spec)
+    budget = budget_table(df, spec)
+    if not spec.axes and len(budget):  # one row per method / variant: the budget sits beside the results
+        table = table.join(budget, how="left").fillna("—")
+    diffs = compare.differences(df, spec)
     title = f"{spec.name} on {dataset} ({preset or 'default'} preset): {spec.metric}, mean ± std (n seeds)"
+    text = markdown(table, title)
+    if spec.budget:
+        text += f"\nBudget: {spec.budget}\n"
+    if spec.axes and len(budget):
+        text += "\n" + markdown(budget, "Budget per cell (steps per stage, images drawn, forward-pass images)")
+    if len(diffs):
+        text += "\n" + compare.markdown(diffs)
     atomic_write_text(out / "runs.csv", df.to_csv(index=False))
     atomic_write_text(out / "summary.csv", shown.to_csv(index=False))
     atomic_write_text(out / "table.csv", table.to_csv())
-    atomic_write_text(out / "table.md", markdown(table, title))
+    atomic_write_text(out / "budget.csv", budget.to_csv())
+    atomic_write_text(out / "differences.csv", diffs.to_csv(index=False))
+    atomic_write_text(out / "table.md", text)
     atomic_write_text(out / "table.tex", latex(table, title))
     from bench.figures import curves_figure, study_figure
     study_figure(summary, refs, spec, out / "figure", title)

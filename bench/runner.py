@@ -182,7 +182,7 @@ def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
             start = time.perf_counter()
             result = trainer.run(progress=cfg["progress"])
             result["minutes"] = (time.perf_counter() - start) / 60
-            save_final(stage_dir, trainer.model, trainer.ema.model, scfg, result)
+            save_final(stage_dir, trainer.model, trainer.ema.model, scfg, result, trainer.init)
 
         weights, reused = run_stage(stage_dir, train)
         keep_head, previous = stage.keep_head, key

@@ -28,13 +28,15 @@ class IndexStream:
         return len(self.pool) >= self.batch
 
     def epoch(self, e: int) -> np.ndarray:
-        """The pool in epoch `e`'s order (the latest two epochs are kept)."""
-        if e not in self._epochs:
+        """The pool in epoch `e`'s order (the last few asked for are kept)."""
+        order = self._epochs.pop(e, None)
+        if order is None:
             g = torch.Generator().manual_seed(derive_seed(self.seed, "indices", self.name, e))
-            self._epochs[e] = self.pool[torch.randperm(len(self.pool), generator=g).numpy()]
-            for old in sorted(self._epochs)[:-2]:
-                del self._epochs[old]
-        return self._epochs[e]
+            order = self.pool[torch.randperm(len(self.pool), generator=g).numpy()]
+        self._epochs[e] = order  # most recently used last
+        while len(self._epochs) > 4:
+            del self._epochs[next(iter(self._epochs))]
+        return order
 
     def at(self, step: int) -> np.ndarray:
         """The indices of step `step` (0-based), on the host."""

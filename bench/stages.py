@@ -86,9 +86,12 @@ def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str,
         return checkpoint.load(final), reused
 
 
-def save_final(stage_dir: Path, model: torch.nn.Module, ema_model: torch.nn.Module, scfg: dict, result: dict) -> None:
+def save_final(stage_dir: Path, model: torch.nn.Module, ema_model: torch.nn.Module, scfg: dict, result: dict,
+               init: dict | None = None) -> None:
+    """The stage's final weights, and its config, result and where its weights came from."""
     checkpoint.save(stage_dir / "final.pt", {"model": model.state_dict(), "ema": ema_model.state_dict()})
-    atomic_write_text(stage_dir / "stage.json", json.dumps({"config": scfg, "result": result}, indent=2, default=str))
+    atomic_write_text(stage_dir / "stage.json", json.dumps({"config": scfg, "result": result, "init": init or {}},
+                                                           indent=2, default=str))
 
 
 def stage_result(stage_dir: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ before anything runs.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from bench.method import get_method
 
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"
 KEYS = {"description", "methods", "fixed", "axes", "variants", "seeds", "metric", "figure", "datasets",
-        "preset", "reference"}
+        "preset", "reference", "budget", "compare_to"}
 METRICS = ("test_acc", "test_acc_ema", "test_acc_selected", "val_acc", "val_acc_ema", "selected_val_acc")
 
 
@@ -61,6 +61,8 @@ class StudySpec:
     preset: str | None = None
     reference: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    budget: str = ""          # the study's budget policy, one line printed with its report
+    compare_to: Any = None    # the reference of the paired differences: a method, or {variant: name}
 
     def cells(self, seeds: int | None = None) -> list[Cell]:
         seeds = self.seeds if seeds is None else seeds
@@ -91,9 +93,45 @@ class StudySpec:
         layer["seed"] = cell.seed
         return layer
 
+    def cut(self, methods: list[str] | None = None, values: dict[str, list] | None = None) -> "StudySpec":
+        """The same study on a sub-grid: some of its methods, and for some axes other values
+        (outside the study's own list too: each becomes a cell of that axis). Cells keep their
+        keys, so a later full run reuses the cells a cut ran."""
+        for m in methods or []:
+            if m not in self.methods:
+                raise UsageError(f"--methods {m}: not a method of study {self.name} ({', '.join(self.methods)}); "
+                                 f"pick among those")
+        axes = {k: dict(v) for k, v in self.axes.items()}
+        for axis, vals in (values or {}).items():
+            if axis not in axes:
+                known = ", ".join(axes) or "none"
+                raise UsageError(f"--values {axis}=...: study {self.name} has no axis '{axis}' (its axes: "
+                                 f"{known}); use one of those")
+            axes[axis]["values"] = list(vals)
+        return replace(self, methods=[m for m in self.methods if m in methods] if methods else list(self.methods),
+                       axes=axes)
+
     def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
         return resolve(get_method(cell.method), preset=preset,
                        study={**self.study_layer(cell), "dataset": dataset}, cli=cli)
+
+
+def parse_values(items: list[str]) -> dict[str, list]:
+    """`--values AXIS=V1,V2,...` (repeatable) as {axis: [values]}, each value read as YAML."""
+    out: dict[str, list] = {}
+    for item in items or []:
+        axis, sep, text = item.partition("=")
+        vals = [v.strip() for v in text.split(",") if v.strip()]
+        if not sep or not axis.strip() or not vals:
+            raise UsageError(f"--values {item!r}: expected AXIS=V1,V2,..., e.g. --values label_fraction=0.01,0.1")
+        parsed = []
+        for v in vals:
+            try:
+                parsed.append(yaml.safe_load(v))
+            except yaml.YAMLError:
+                parsed.append(v)
+        out.setdefault(axis.strip(), []).extend(parsed)
+    return out
 
 
 def study_names() -> list[str]:
@@ -139,7 +177,14 @@ def load_study(name_or_path: str) -> StudySpec:
         raise UsageError(f"{where}: metric '{metric}' is not one of {', '.join(METRICS)}")
     if not isinstance(raw.get("fixed", {}) or {}, dict):
         raise UsageError(f"{where}: 'fixed' must map option names to values")
+    compare_to = raw.get("compare_to")
+    if compare_to is not None and not (
+            (isinstance(compare_to, str) and compare_to in methods)
+            or (isinstance(compare_to, dict) and len(compare_to) == 1 and compare_to.get("variant") in variants)):
+        raise UsageError(f"{where}: 'compare_to' must name one of the study's methods or be {{variant: NAME}} "
+                         f"of one of its variants")
     return StudySpec(name=path.stem, path=path, methods=[str(m) for m in methods], fixed=raw.get("fixed") or {},
                      axes=axes, variants=variants, seeds=seeds, metric=metric, figure=raw.get("figure") or {},
                      datasets=raw.get("datasets"), preset=raw.get("preset"), reference=raw.get("reference") or {},
-                     description=raw.get("description", ""))
+                     description=raw.get("description", ""), budget=str(raw.get("budget") or ""),
+                     compare_to=compare_to)

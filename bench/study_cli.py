@@ -12,7 +12,7 @@ from bench.data import load_dataset, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
 from bench.runner import check_feasible
 from bench.report import write_report
-from bench.studies import StudySpec, load_study
+from bench.studies import StudySpec, load_study, parse_values
 from bench.sweep import Sweep, default_storage, open_storage, read_board
 from bench.tracking import prepare_runs_dir
 
@@ -27,8 +27,13 @@ def _datasets(spec: StudySpec, dataset: str | None) -> list[str]:
     raise UsageError(f"study {spec.name} needs --dataset (one of {', '.join(DATASETS)})")
 
 
+def _spec(args: argparse.Namespace) -> StudySpec:
+    """The study of the command line, cut to its --methods and --values."""
+    return load_study(args.study).cut(args.methods, parse_values(args.values))
+
+
 def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    spec = load_study(args.study)
+    spec = _spec(args)
     if args.workers < 1 or (args.seeds is not None and args.seeds < 1) or args.heartbeat <= 0:
         raise UsageError("--workers and --seeds must be >= 1 and --heartbeat > 0; fix the value")
     preset = args.preset or spec.preset
@@ -72,7 +77,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def report_study(args: argparse.Namespace) -> int:
-    spec = load_study(args.study)
+    spec = _spec(args)
     results_dir = Path(args.results_dir)
     url = args.storage or default_storage(results_dir)
     if "://" not in url and not Path(url).exists():

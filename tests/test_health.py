@@ -1,6 +1,8 @@
 """Pseudo-label health while a run trains: the progress bar and the stored metrics show admission
 rate, precision, the gate and the memory; a run that has admitted nothing by half its steps says
 so once; the gate is read on its own cadence, on validation only."""
+import pytest
+
 from helpers import bench, load_json, run_dirs, smoke_trainer
 
 
@@ -56,3 +58,16 @@ def test_a_silent_run_warns_on_stderr_and_in_its_record(tmp_path):
     assert set(metrics["train.pl_rate"]["values"]) == {0.0}
     # the captured output ends with the bar's final state, not a frame from an earlier flush
     assert "20/20" in (run / "cout.txt").read_text().splitlines()[-1]
+
+
+def test_ssmae_admission_rate_is_averaged_over_the_steps_it_describes(tiny_data, tmp_path):
+    """The gate opens at step 10 of a 20-step log window; from then on every scored image is
+    admitted (confidence 0), so the window's admission rate is 100 %, not the 50 % an average
+    over all of its steps would claim."""
+    t, logged, _ = trainer("ssmae", tiny_data, tmp_path, steps=20, log_every=20, eval_every=20, gate_every=10,
+                           gate_warmup_steps=10, gate_threshold=0.0, confidence=0.0, agreement=False,
+                           memory="rescored")
+    t.run(progress=False)
+    values = {k: v for k, v, s in logged if s == 20}
+    assert values["gate.open"] == 1.0 and values["train.admit_rate"] == 1.0
+    assert values["train.pl_rate"] == pytest.approx(0.5)   # labels trained: none before the gate, all after

@@ -83,3 +83,42 @@ def test_a_tune_space_that_reaches_impossible_configs_is_rejected(tmp_path, caps
                                 "--results-dir", str(results)], tmp_path, capsys, monkeypatch)
     assert_rejected(code, lines, err, "the search space reaches configs that cannot work (tau=0.95, "
                     "label_smoothing=0.2)", results)
+
+
+def cfg_of(method, preset):
+    sources = {}
+    return resolve(get_method(method), preset=preset, sources=sources), sources
+
+
+def test_the_paper_preset_runs_each_row_as_the_papers_code_ran_it():
+    for method in ("supervised", "mae_finetune"):  # finetune.py: batch 32, AdamW 1e-4, cosine, 100 epochs
+        cfg, _ = cfg_of(method, "paper")
+        assert (cfg["batch_size"], cfg["lr"], cfg["schedule"], cfg["min_lr"], cfg["warmup_steps"]) == \
+            (32, 1e-4, "cosine", 0.0, 0)
+        assert cfg["steps"] == 100 * (4500 // 32)          # 100 epochs of 4,500 training labels
+        assert cfg["layer_decay"] == 1.0 and cfg["label_smoothing"] == 0.0 and cfg["mixup_alpha"] == 0.0
+    ssmae, _ = cfg_of("ssmae", "paper")                    # main.py: 16 + 32 images, constant 1e-4, 400 epochs
+    assert (ssmae["batch_size"], ssmae["mu"], ssmae["lr"], ssmae["schedule"], ssmae["steps"]) == \
+        (16, 2, 1e-4, "constant", 400 * 312)
+    semi_vit, _ = cfg_of("semi_vit", "paper")              # its own recipe, not SSMAE's optimiser
+    assert (semi_vit["schedule"], semi_vit["mu"], semi_vit["tau"], semi_vit["layer_decay"]) == ("cosine", 5, 0.5, 0.75)
+    assert semi_vit["warmup_steps"] > 0 and semi_vit["lr"] == pytest.approx(1e-3 * 16 / 256)
+
+
+def test_cpu_preset_overrides_of_a_method_recipe_are_flagged_where_they_apply():
+    cfg, sources = cfg_of("supervised", "cpu")
+    assert cfg["label_smoothing"] == 0.0 and "overrides supervised's recipe: 0.1" in sources["label_smoothing"]
+    for method, decay in (("mae_finetune", 0.65), ("semi_vit", 0.75)):  # layer decay stays the method's own
+        cfg, sources = cfg_of(method, "cpu")
+        assert cfg["layer_decay"] == decay and "recipe" in sources["layer_decay"], method
+    for method in PSEUDO_LABELLING:                        # 32 + 64 images per step, as its comment says
+        cfg, _ = cfg_of(method, "cpu")
+        assert (cfg["batch_size"], cfg["mu"]) == (32, 2), method
+    fix, _ = cfg_of("fixmatch", "cpu")
+    assert fix["tau"] == 0.7
+
+
+def test_fast_preset_thresholds_are_the_measured_ones():
+    for method, key in (("fixmatch", "tau"), ("semi_mae", "tau"), ("ssmae", "confidence")):
+        assert cfg_of(method, "fast")[0][key] == 0.7, method
+    assert cfg_of("semi_vit", "fast")[0]["tau"] == 0.5 == get_method("semi_vit").options["tau"].default

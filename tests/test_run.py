@@ -190,4 +190,18 @@ def test_smoke_run_on_real_cifar10(tmp_path, real_cache):
     (run,) = run_dirs(tmp_path / "r")
     result = load_json(run / "run.json")["result"]
     assert load_json(run / "run.json")["status"] == "COMPLETED"
-    assert 0 <= result["test_acc"] <= 100
+    # the reported accuracy is the final model's on the 10,000 real test images, above chance
+    import torch
+    from bench import checkpoint
+    from bench.data import load_dataset
+    from bench.evaluate import evaluate
+    from bench.model import build_model
+    from bench.randomness import StepRandom
+    from bench.views import Views
+    cfg = load_json(run / "config.json")
+    data = load_dataset("cifar10", str(SHARED_CIFAR10), real_cache)
+    model = build_model(cfg, 10, with_decoder=False)
+    model.load_state_dict(checkpoint.load(run / "checkpoint.pt")["model"])
+    acc = evaluate(model, torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
+                   Views(cfg["img_size"], StepRandom(0)).eval, 1000, lambda: torch.autocast("cpu", enabled=False)).acc
+    assert len(data.test_y) == 10_000 and acc == pytest.approx(result["test_acc"]) and acc > 15

@@ -121,6 +121,22 @@ def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(report / "summary.csv"), summary)
 
 
+def test_a_study_cut_on_the_command_line_runs_the_same_cells_a_full_run_reuses(tmp_path):
+    study, results = tmp_path / "two.yaml", tmp_path / "results"
+    study.write_text("methods: [supervised, fixmatch]\naxes: {lr: {values: [0.002, 0.004]}}\nseeds: 1\n")
+    base = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)]
+    cut = bench([*base, "--methods", "fixmatch", "--values", "lr=0.004,0.003"], tmp_path / "cache", timeout=600)
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    ran = {(load_json(r / "config.json")["method"], load_json(r / "config.json")["lr"]) for r in run_dirs(results)}
+    assert ran == {("fixmatch", 0.004), ("fixmatch", 0.003)}       # 0.003 is a new cell of the axis
+    summary = pd.read_csv(results / "reports" / "two" / "synthetic-smoke" / "summary.csv")
+    assert sorted(summary["lr"]) == [0.003, 0.004] and set(summary["method"]) == {"fixmatch"}
+    full = bench(base, tmp_path / "cache", timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    runs = [(load_json(r / "config.json")["method"], load_json(r / "config.json")["lr"]) for r in run_dirs(results)]
+    assert len(runs) == 5 and runs.count(("fixmatch", 0.004)) == 1  # the cut's cell was reused, not rerun
+
+
 def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path):
     study, results = write_study(tmp_path, seeds=1, lrs=(0.002, 1e30)), tmp_path / "results"
     out = bench(["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)],
@@ -265,6 +281,11 @@ def test_study_bad_input(tmp_path, capsys, monkeypatch):
              (["study", "mask_ratio", "--dataset", "synthetic", "--workers", "0"], "--workers"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--heartbeat", "inf"], "--heartbeat"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--set", "lr=-1"], "lr"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--methods", "nope"], "--methods nope: not a method"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--values", "depth=2"], "has no axis 'depth'"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--values", "mask_ratio"], "expected AXIS=V1,V2"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--values", "mask_ratio=0.5,1.5"],
+              "--mask-ratio: 1.5 is out of range"),
              (["report", "mask_ratio", "--results-dir", str(tmp_path / "empty")], "no study store")]
     for args, message in cases:
         args = [*args, "--results-dir", str(tmp_path / "r")] if args[0] == "study" else args

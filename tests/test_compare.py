@@ -1,0 +1,56 @@
+"""Reports state every budget and give differences with their uncertainty, paired by seed."""
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from bench.compare import interval, seeds_needed
+from helpers import bench, load_json, run_dirs
+
+FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
+        "--set", "ckpt_every=10", "--set", "log_every=5"]
+
+
+def test_t_interval_and_seeds_needed_by_hand():
+    mean, low, high = interval([1.0, 2.0, 3.0])
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)   # sd of 1, 2, 3 is 1
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert math.isnan(interval([0.5])[1])               # one pair: no interval
+    # a difference of 1 with spread 1 needs n with t(0.975, n-1) / sqrt(n) < 1: n = 7
+    assert seeds_needed(1.0, 1.0) == 7
+    assert stats.t.ppf(0.975, 5) / math.sqrt(6) >= 1 > stats.t.ppf(0.975, 6) / math.sqrt(7)
+    assert seeds_needed(0.0, 1.0) is None and seeds_needed(0.001, 5.0) is None
+
+
+def test_a_study_report_states_budgets_and_paired_differences(tmp_path):
+    study, results = tmp_path / "pair.yaml", tmp_path / "results"
+    study.write_text("""
+description: two methods, two seeds
+methods: [supervised, fixmatch]
+budget: every method trains the same 20 optimizer steps
+seeds: 2
+metric: test_acc
+""")
+    out = bench(["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results),
+                 "--report-dir", str(tmp_path / "published")], tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = tmp_path / "published" / "pair" / "synthetic-smoke"   # each study keeps its own folder
+    text = (report / "table.md").read_text()
+    assert "Budget: every method trains the same 20 optimizer steps" in text
+    table = pd.read_csv(report / "table.csv", index_col=0)
+    for column in ("steps (stages + own)", "labeled images (k)", "unlabeled images (k)", "forward images (k)"):
+        assert column in table.columns, column
+    runs = {(load_json(r / "config.json")["method"], load_json(r / "config.json")["seed"]):
+            load_json(r / "run.json")["result"] for r in run_dirs(results)}
+    assert runs[("fixmatch", 0)]["budget"] == {"steps": 20, "labeled_images": 20 * 32, "unlabeled_images": 20 * 64,
+                                               "forward_images": 20 * (32 + 2 * 64)}
+    assert str(table.loc["fixmatch", "steps (stages + own)"]) == "20"
+    # the difference to supervised, paired by seed, with its t-interval
+    diffs = pd.read_csv(report / "differences.csv")
+    (row,) = diffs.to_dict("records")
+    paired = [runs[("fixmatch", s)]["test_acc"] - runs[("supervised", s)]["test_acc"] for s in (0, 1)]
+    mean, low, high = interval(paired)
+    assert row["method"] == "fixmatch" and row["reference"] == "method supervised" and row["n_pairs"] == 2
+    assert (row["diff"], row["ci_low"], row["ci_high"]) == pytest.approx((mean, low, high))
+    assert "Differences to method supervised" in text and f"{mean:+.2f}" in text
