@@ -93,6 +93,20 @@ class StudySpec:
         layer["seed"] = cell.seed
         return layer
 
+    def for_dataset(self, dataset: str) -> "StudySpec":
+        """The study on one dataset: an axis whose values are given per dataset takes that
+        dataset's (the field's label counts differ between CIFAR-10 and CIFAR-100)."""
+        axes = {}
+        for axis, spec in self.axes.items():
+            values = spec["values"]
+            if isinstance(values, dict):
+                if dataset not in values:
+                    raise UsageError(f"study {self.name}: axis '{axis}' lists values for {', '.join(values)}, not "
+                                     f"{dataset}; pick one of those datasets or give --values {axis}=...")
+                values = values[dataset]
+            axes[axis] = {**spec, "values": list(values)}
+        return replace(self, axes=axes)
+
     def cut(self, methods: list[str] | None = None, values: dict[str, list] | None = None) -> "StudySpec":
         """The same study on a sub-grid: some of its methods, and for some axes other values
         (outside the study's own list too: each becomes a cell of that axis). Cells keep their
@@ -162,8 +176,11 @@ def load_study(name_or_path: str) -> StudySpec:
     if not isinstance(axes, dict):
         raise UsageError(f"{where}: 'axes' must map an axis name to {{values: [...]}}")
     for axis, spec in axes.items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("values"), list) or not spec["values"]:
-            raise UsageError(f"{where}: axis '{axis}' needs a non-empty 'values' list")
+        values = spec.get("values") if isinstance(spec, dict) else None
+        per_dataset = isinstance(values, dict) and values and all(isinstance(v, list) and v for v in values.values())
+        if not (isinstance(values, list) and values) and not per_dataset:
+            raise UsageError(f"{where}: axis '{axis}' needs a non-empty 'values' list (or one per dataset: "
+                             f"{{cifar10: [...], cifar100: [...]}})")
         if not isinstance(spec.get("option", {}), dict):
             raise UsageError(f"{where}: axis '{axis}': 'option' maps a method to its option name")
     variants = raw.get("variants") or {}

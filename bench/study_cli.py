@@ -40,10 +40,11 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     results_dir = Path(args.results_dir)
     cli = {**overrides, **({"data": args.data} if args.data else {})}
     datasets = _datasets(spec, args.dataset)
-    cells = spec.cells(args.seeds)
+    specs = {d: spec.for_dataset(d) for d in datasets}
     # Every cell's config is resolved (validated) and the data loaded before anything is written.
     for dataset in datasets:
-        cfgs = [spec.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
+        cells = specs[dataset].cells(args.seeds)
+        cfgs = [specs[dataset].config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
         cfg = cfgs[0]
         cache = prepare_cache_dir(cfg["cache_dir"])
         data = load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
@@ -56,6 +57,8 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     storage = args.storage or default_storage(results_dir)
     interrupted = None
     for dataset in datasets:
+        spec = specs[dataset]
+        cells = spec.cells(args.seeds)
         sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
                       workers=args.workers, heartbeat=args.heartbeat, progress=args.progress)
         sweep.study.set_user_attr("seeds", len({c.seed for c in cells}))
@@ -95,7 +98,8 @@ def report_study(args: argparse.Namespace) -> int:
         _, dataset, preset = name.split(":", 2)
         study = optuna.load_study(study_name=name, storage=storage)
         seeds = study.user_attrs.get("seeds")
-        out = write_report(spec, study, spec.cells(seeds), results_dir, dataset,
+        dspec = spec.for_dataset(dataset)
+        out = write_report(dspec, study, dspec.cells(seeds), results_dir, dataset,
                            None if preset == "default" else preset, args.report_dir)
         print(f"report of {name}: {out}")
     return 0
