@@ -19,6 +19,7 @@ class Images:
     rows: Tensor      # (n,) int64: each image's row in the step
     size: int         # images in this set over the whole step (its permutation's length)
     universe: int     # rows in the step
+    start: int = 0    # the set's first row (labeled images start at 0, unlabeled at B)
 
     @classmethod
     def whole(cls, x: Tensor) -> "Images":
@@ -28,11 +29,17 @@ class Images:
     def __len__(self) -> int:
         return len(self.x)
 
+    @property
+    def positions(self) -> Tensor:
+        """Each image's position in its set over the whole step (its row less the set's start)."""
+        return self.rows - self.start
+
     @staticmethod
     def cat(*parts: "Images") -> "Images":
-        """Several sets as one (e.g. labeled + unlabeled images for one MAE pass)."""
+        """Several sets as one (e.g. labeled + unlabeled images for one MAE pass); no partners
+        are drawn over such a union, so it has no positions of its own."""
         return Images(torch.cat([p.x for p in parts]), torch.cat([p.rows for p in parts]),
-                      sum(p.size for p in parts), parts[0].universe)
+                      sum(p.size for p in parts), parts[0].universe, start=-1)
 
 
 @dataclass

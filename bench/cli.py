@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench.errors import NonFiniteLoss, RunStopped, UsageError
+from bench.errors import NonFiniteLoss, PeerLost, RunStopped, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,6 +57,9 @@ def cmd_run(argv: Sequence[str]) -> int:
                         help="continue an interrupted run (its id under <results-dir>/runs, or its path)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (defaults < "
                         "preset < study < flags, each value with its source) and exit without running")
+    parser.add_argument("--nproc", type=int, default=1, metavar="K", help="run on K ranks of this machine (one "
+                        "GPU each, or K CPU processes), started as torchrun would; the batch stays global "
+                        "(default 1)")
     add_set_argument(parser)
     parser.add_argument("--study-layer", default=None, help=argparse.SUPPRESS)  # set by `bench study`
     shown, sources = {}, {}
@@ -67,6 +70,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     add_options(parser, all_options(method_cls), shown, sources)
     args = vars(parser.parse_args(argv[1:]))
     preset, resume, print_config = args.pop("preset"), args.pop("resume"), args.pop("print_config")
+    nproc = args.pop("nproc")
     study = parse_json(args.pop("study_layer"))
     sources = {}
     cfg = resolve(method_cls, preset=preset, study=study, cli={**parse_sets(args.pop("set")), **args},
@@ -75,11 +79,51 @@ def cmd_run(argv: Sequence[str]) -> int:
         print(render(cfg, sources), end="")
         return 0
 
-    from bench.runner import execute
-    run_id, result = execute(cfg, resume=resume)
-    print(f"run {run_id} COMPLETED: test acc {result['test_acc']:.2f} (EMA {result['test_acc_ema']:.2f}, "
-          f"selected on validation {result['test_acc_selected']:.2f}) in {result['minutes']:.1f} min")
+    from bench import distributed
+    from bench.runner import execute, prepare
+    if nproc != 1:
+        return launch_ranks(cfg, resume, nproc, argv)
+    w = distributed.join(cfg["device"], cfg["dist_timeout"])
+    cfg = {**cfg, "device": distributed.world_device(w, cfg["device"])}
+    try:
+        with distributed.stop_on_sigterm():
+            run_id, result = execute(cfg, resume=resume)
+    finally:
+        distributed.leave()
+    if w.is_main:
+        print(f"run {run_id} COMPLETED: test acc {result['test_acc']:.2f} (EMA {result['test_acc_ema']:.2f}, "
+              f"selected on validation {result['test_acc_selected']:.2f}) in {result['minutes']:.1f} min")
     return 0
+
+
+def launch_ranks(cfg: dict[str, Any], resume: str | None, nproc: int, argv: Sequence[str]) -> int:
+    """`--nproc K`: check everything a rank would (nothing written), then start the K ranks."""
+    import torch
+
+    from bench.distributed.launch import launch
+    from bench.distributed.world import check_devices, from_env
+    from bench.runner import prepare
+    if nproc < 1:
+        raise UsageError(f"--nproc {nproc}: give a number of ranks >= 1")
+    if from_env() is not None:
+        raise UsageError("--nproc inside a launched run (torchrun or srun already started the ranks); drop --nproc")
+    if cfg["device"] != "cpu" and torch.cuda.is_available():
+        check_devices(nproc, "cuda", torch.cuda.device_count())
+    prepare(cfg, resume, nproc)
+    return launch(nproc, strip_flag(list(argv), "--nproc"))
+
+
+def strip_flag(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag V` / `flag=V`."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
 
 
 def _peek(argv: Sequence[str], flag: str) -> str | None:
@@ -265,16 +309,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"bench: unknown command '{argv[0]}'; use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from bench.distributed import world
     try:
         return COMMANDS[argv[0]][0](argv[1:])
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if world().is_main:  # every rank meets the same bad input; one says so
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"run FAILED: {e}", file=sys.stderr)
         return 1
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except PeerLost as e:
+        print(f"run FAILED: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(f"interrupted: {str(e) or 'stopped before a run started; nothing to resume'}", file=sys.stderr)

@@ -109,11 +109,13 @@ CORE_OPTIONS: dict[str, Option] = {
                         "stages), studies/, reports/, tuned/ and speed/", "run"),
     "mongo": _opt(None, "also record runs in MongoDB at this URL (unset: the file store only)", "run"),
     "progress": _opt(True, "show a progress bar", "run"),
+    "dist_timeout": _opt(300.0, "seconds a rank waits on the others (rendezvous, a collective) before the "
+                         "run stops as FAILED", "run", type=float, **positive()),
 }
 
 # Keys that do not change what a run computes: a resume may differ on these.
 IDENTITY_EXCLUDED = {"results_dir", "mongo", "progress", "device", "cache_dir", "data",
-                     "compile", "eval_batch_size"}
+                     "compile", "eval_batch_size", "dist_timeout", "world_size", "rank_batch"}
 
 
 def load_preset(preset: str | None) -> tuple[str | None, dict[str, Any]]:

@@ -14,7 +14,6 @@ import contextlib
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,17 +25,20 @@ from tqdm import tqdm
 from bench import checkpoint
 from bench.batch import Batch, Images
 from bench.budget import ForwardCounter
+from bench.distributed import all_sum, average_gradients, barrier, broadcast_module, world
 from bench.config import identity
 from bench.data import Dataset
 from bench.ema import EMA
 from bench.errors import NonFiniteLoss, UsageError
 from bench.evaluate import evaluate
+from bench.logwindow import LogWindow
 from bench.method import Method, TrainData
 from bench.model import build_model
 from bench.optim import build_optimizer, lr_at, set_lr
 from bench.pseudo import admission_logs
 from bench.randomness import StepRandom
 from bench.sampler import IndexStream
+from bench.schedule import Clock, Event, Schedule
 from bench.splits import Split
 from bench.stages import digest, transfer
 from bench.views import Views
@@ -88,6 +90,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         cfg = self.cfg
+        self.world = world()
         self.device = dev = pick_device(cfg["device"])
         self.random = StepRandom(cfg["seed"], dev)  # also seeds the model's initialisation
         # The whole dataset lives on the device as uint8; batches are gathered by index.
@@ -111,18 +114,21 @@ class Trainer:
         self.method = self.method_cls(cfg, self.model, self.ema, self.views, self.data.num_classes, train_data,
                                       autocast=self.autocast)
         self.optimizer = build_optimizer(self.model, cfg)
+        # Global counts: every rank takes an equal, contiguous slice of the step's global batch.
         self.n_labeled = cfg["batch_size"] if self.method_cls.uses_labeled else 0
-        self.n_unlabeled = self.method.unlabeled_batch_size()
+        self.n_unlabeled = self.method_cls.unlabeled_batch_size(cfg)
+        for n in (self.n_labeled, self.n_unlabeled):
+            assert n % self.world.size == 0, "runner.check_world rejects batches that do not divide"
         pool = self.split.unlabeled
         if self.method_cls.unlabeled_source == "all":  # label-free methods see every training image
             pool = np.arange(len(self.data.train_x))
         self.labeled = IndexStream(self.split.labeled, self.n_labeled, cfg["seed"], "labeled")
         self.unlabeled = IndexStream(pool, self.n_unlabeled, cfg["seed"], "unlabeled")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg["compile"] and dev.type == "cuda":
             self.model.compile()
-        self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
-        self._finite = torch.ones((), dtype=torch.bool, device=dev)
+        self.window = LogWindow(dev)
+        self.forward_images_before = 0  # forward passes of every rank before this process's start
         self._stop_requested = False
         self.admitted = False  # has any pseudo-label been used yet (semi-supervised methods)
         self.warned = False    # ... and if not by half the run, has the user been told
@@ -134,15 +140,14 @@ class Trainer:
         return self.run_dir / "checkpoint.pt"
 
     def state_dict(self) -> dict[str, Any]:
-        # No stream or generator state: what a step draws is a function of (seed, step).
+        # No stream or generator state: what a step draws is a function of (seed, step). Nothing
+        # depends on the world size either, so a run resumes at any world size.
         return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "forward_images": self.forwards.images, "init": dict(self.init),
+                "forward_images": self.forward_images(), "init": dict(self.init),
                 "selection": vars(self.selection).copy(),
                 "last_eval": dict(self.last_eval), "config": identity(self.cfg),
-                "health": (self.admitted, self.warned),
-                # a Ctrl-C checkpoint falls inside a log window: keep its partial sums
-                "log_window": ({k: v.cpu() for k, v in self._sums.items()}, self._count),
+                "health": (self.admitted, self.warned), "log_window": self.window.state_dict(),
                 "split_hash": self.split.hash}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -154,18 +159,19 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
-        self.forwards.images, self.init = state["forward_images"], dict(state["init"])
+        self.forward_images_before, self.init = state["forward_images"], dict(state["init"])
         self.selection = Selection(**state["selection"])
         self.last_eval = dict(state["last_eval"])
         self.admitted, self.warned = state["health"]
-        sums, self._count = state["log_window"]
-        self._sums = {k: v.to(self.device) for k, v in sums.items()}
+        if self.world.is_main:  # the partial window belongs to the rank that logs it
+            self.window.load_state_dict(state["log_window"])
 
     def init_from(self, weights: dict[str, Any], keep_head: bool) -> None:
         """Start from an earlier stage's weights (`bench.stages.transfer`): the encoder always,
         the classifier head when it carries over, else a fresh head; the EMA starts from the
         stage's EMA when the head is carried over (Semi-ViT), else from the loaded model."""
         transfer(weights["model"], self.model, keep_head)
+        broadcast_module(self.model)  # a re-drawn head is rank 0's on every rank
         self.ema.copy_from(self.model)
         if keep_head:
             transfer(weights["ema"], self.ema.model, keep_head)
@@ -176,9 +182,13 @@ class Trainer:
                      "ema_encoder_sha256": digest(ema), "ema_head_sha256": digest(ema, "head")}
 
     def save_checkpoint(self) -> None:
+        """Every rank takes part (the state's counts are reduced); rank 0 alone writes."""
         self._check_finite()
-        self.flush()  # metrics first: a kill between the two leaves no gap after resume
-        checkpoint.save(self.ckpt_path, self.state_dict())
+        state = self.state_dict()
+        if self.world.is_main:
+            self.flush()  # metrics first: a kill between the two leaves no gap after resume
+            checkpoint.save(self.ckpt_path, state)
+        barrier()  # no rank runs ahead of a checkpoint another rank may resume from
 
     # -- one step ------------------------------------------------------------------------------
     def autocast(self):
@@ -187,21 +197,24 @@ class Trainer:
         return contextlib.nullcontext()
 
     def next_batch(self) -> tuple[Batch, torch.Tensor | None]:
-        """The step's images (rows: labeled first, then unlabeled) and the unlabeled images'
-        true labels, which stay in the engine."""
+        """This rank's slice of the step's images (rows: labeled first, then unlabeled, each
+        image keeping its row of the global batch) and the unlabeled images' true labels, which
+        stay in the engine."""
         batch, y_u = Batch(), None
         universe = self.n_labeled + self.n_unlabeled
-        dev = self.device
+        dev, ranks, rank = self.device, self.world.size, self.world.rank
         if self.n_labeled:
-            idx_l = torch.from_numpy(self.labeled.at(self.step)).to(dev)
-            rows = torch.arange(self.n_labeled, device=dev)
+            n = self.n_labeled // ranks
+            idx_l = torch.from_numpy(self.labeled.at(self.step)[rank * n:(rank + 1) * n]).to(dev)
+            rows = rank * n + torch.arange(n, device=dev)
             batch.l = Images(self.train_x[idx_l], rows, self.n_labeled, universe)
             batch.y_l = self.train_y[idx_l]
         if self.n_unlabeled:
-            idx_u = torch.from_numpy(self.unlabeled.at(self.step)).to(dev)
-            rows = self.n_labeled + torch.arange(self.n_unlabeled, device=dev)
-            batch.u, batch.idx_u = Images(self.train_x[idx_u], rows, self.n_unlabeled, universe), idx_u
-            y_u = self.train_y[idx_u]
+            n = self.n_unlabeled // ranks
+            idx_u = torch.from_numpy(self.unlabeled.at(self.step)[rank * n:(rank + 1) * n]).to(dev)
+            rows = self.n_labeled + rank * n + torch.arange(n, device=dev)
+            batch.u = Images(self.train_x[idx_u], rows, self.n_unlabeled, universe, start=self.n_labeled)
+            batch.idx_u, y_u = idx_u, self.train_y[idx_u]
         return batch, y_u
 
     def train_step(self) -> None:
@@ -214,50 +227,43 @@ class Trainer:
             logs.update(admission_logs(pl, y_u, name))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.params)  # one all-reduce for the whole method step, whatever it called
         if self.cfg["clip_grad"] > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip_grad"])
         set_lr(self.optimizer, lr_at(self.step, self.cfg))
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        # Accumulate on the device: no host synchronisation inside the step.
-        loss = loss.detach().float()
-        self._finite &= torch.isfinite(loss)
-        for k, v in {"loss": loss, **logs}.items():
-            v = v.detach().float()  # a 2-vector is a (numerator, denominator) pair: see flush_logs
-            self._sums[k] = self._sums[k] + v if k in self._sums else v
-        self._count += 1
+        self.window.add(loss, logs)
+
+    def forward_images(self) -> float:
+        """Encoder forward passes of every rank so far, in image equivalents."""
+        mine = torch.tensor([self.forwards.images], dtype=torch.float64,
+                            device=self.device if self.world.backend == "nccl" else "cpu")
+        return self.forward_images_before + float(all_sum(mine))
 
     def budget(self) -> dict[str, float]:
         """What this training consumed: optimizer steps, labeled and unlabeled images drawn, and
         encoder forward passes in image equivalents (a masked pass counts its visible share)."""
         return {"steps": self.step, "labeled_images": self.step * self.n_labeled,
-                "unlabeled_images": self.step * self.n_unlabeled, "forward_images": round(self.forwards.images)}
+                "unlabeled_images": self.step * self.n_unlabeled, "forward_images": round(self.forward_images())}
 
     def _check_finite(self) -> None:
-        if not bool(self._finite):
+        if not self.window.all_finite():
             raise NonFiniteLoss(f"non-finite loss at or before step {self.step}; lower --lr, set "
                                 f"--clip-grad, or check the data")
 
     def flush_logs(self, seconds: float) -> dict[str, float]:
         """Move accumulated step logs to the host (one sync per log interval) and record them."""
-        if not self._count:
+        if not self.window.count:
             return {}
         self._check_finite()
-        values = {}
-        for k, v in self._sums.items():
-            if v.numel() == 2:  # ratio of window sums, e.g. pseudo-label precision
-                num, den = v.tolist()
-                if den > 0:
-                    values[k] = num / den
-            else:
-                values[k] = float(v) / self._count
-        images = self._count * (self.n_labeled + self.n_unlabeled)
-        values["img_per_s"] = images / max(seconds, 1e-9)
+        count = self.window.count
+        values = self.window.take()
+        values["img_per_s"] = count * (self.n_labeled + self.n_unlabeled) / max(seconds, 1e-9)
         values["lr"] = lr_at(self.step - 1, self.cfg)
         for k, v in values.items():
             self.log(f"train.{k}", v, self.step)
-        self._sums, self._count = {}, 0
         self._check_admission(values)
         return values
 
@@ -275,7 +281,7 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def _validation(self) -> dict:
-        """Evaluation of the raw and EMA models on the validation split."""
+        """Evaluation of the raw and EMA models on the validation split (sharded over ranks)."""
         val_idx = self.method.data.val
         return {tag: evaluate(model, self.train_x[val_idx], self.train_y[val_idx], self.views.eval,
                               self.cfg["eval_batch_size"], self.autocast)
@@ -306,60 +312,80 @@ class Trainer:
             if val[tag].acc > self.selection.val_acc:  # selection reads validation only
                 self.selection = Selection(self.step, tag, val[tag].acc, test[tag].acc)
                 model = self.model if tag == "raw" else self.ema.model
-                checkpoint.save(self.run_dir / "selected.pt", {"step": self.step, "model": tag,
-                                                               "state_dict": model.state_dict()})
+                if self.world.is_main:
+                    checkpoint.save(self.run_dir / "selected.pt", {"step": self.step, "model": tag,
+                                                                   "state_dict": model.state_dict()})
         self.last_eval = metrics
         if self.on_validation is not None:
             self.on_validation(self.step, {k: v for k, v in metrics.items() if k.startswith("val_")})
         return metrics
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the loop: one schedule of named events ------------------------------------------------
+    def schedule(self) -> Schedule:
+        """What happens after a step, in order: log (and show progress), evaluate (validation and
+        test), a method's extra validation reading (a gate's cadence, where no evaluation falls),
+        checkpoint. The store and the ranks plug into these events, never into the step."""
+        cfg = self.cfg
+        reads = self.method.validation_every()
+        return Schedule(cfg["steps"], [
+            Event("log", (cfg["log_every"], cfg["ckpt_every"]), at_end=True),
+            Event("evaluate", (cfg["eval_every"],) if self.method_cls.classifies else (),
+                  at_end=self.method_cls.classifies),
+            Event("read", (reads,) if reads else (), unless="evaluate"),
+            Event("checkpoint", (cfg["ckpt_every"],), at_end=True)])
+
     def run(self, progress: bool = True) -> dict[str, Any]:
         cfg, steps = self.cfg, self.cfg["steps"]
+        progress = progress and self.world.is_main
         bar = tqdm(total=steps, initial=self.step, desc=cfg["method"], file=sys.stderr, mininterval=2.0,
                    dynamic_ncols=True, disable=not progress, leave=True)
-        t_window, t_total, images_total = time.perf_counter(), 0.0, 0
-        last_flush = t_window
+        clock = Clock(self.step)
         postfix: dict[str, str] = {}
-        extra_reads = self.method.validation_every()
-        t_start, step_start = time.perf_counter(), self.step
+        schedule = self.schedule()
+
+        def log() -> None:
+            elapsed, done = clock.lap(), self.window.count
+            values = self.flush_logs(elapsed)
+            clock.count(elapsed, done * (self.n_labeled + self.n_unlabeled))
+            bar.update(self.step - bar.n)
+            postfix.update(progress_fields(values, self.method.status()))
+            bar.set_postfix(postfix, refresh=False)
+            if self.on_progress is not None:
+                self.on_progress({"step": self.step, "steps": steps, "eta_s": clock.eta(self.step, steps),
+                                  "val_acc": self.last_eval.get("val_acc")})
+            if clock.due_for_flush():  # the store's curves stay current
+                self.flush()
+            if self.world.distributed:  # a Ctrl-C seen by any rank stops every rank here
+                stop = torch.tensor([float(self._stop_requested)])
+                self._stop_requested = float(all_sum(stop)) > 0
+            clock.lap()
+
+        def evaluate() -> None:
+            postfix["val"] = f"{self.evaluate()['val_acc']:.1f}"
+            postfix.update(self.method.status())
+            bar.set_postfix(postfix, refresh=False)
+            clock.lap()  # evaluation time is not training throughput
+
+        def read() -> None:
+            self.validate()
+            postfix.update(self.method.status())
+            bar.set_postfix(postfix, refresh=False)
+            clock.lap()
+
+        def save() -> None:
+            self.save_checkpoint()
+            clock.lap()
+
+        actions = {"log": log, "evaluate": evaluate, "read": read, "checkpoint": save}
         with _stop_on_sigint(self), bar:
             while self.step < steps:
-                if self._stop_requested:
+                if self._stop_requested and (not self.world.distributed or self.step % cfg["log_every"] == 0):
                     self.save_checkpoint()
                     raise KeyboardInterrupt
                 self.train_step()
-                at_end = self.step == steps
-                if self.step % cfg["log_every"] == 0 or self.step % cfg["ckpt_every"] == 0 or at_end:
-                    elapsed = time.perf_counter() - t_window
-                    n_done = self._count
-                    values = self.flush_logs(elapsed)
-                    t_total += elapsed
-                    images_total += n_done * (self.n_labeled + self.n_unlabeled)
-                    bar.update(self.step - bar.n)
-                    postfix.update(progress_fields(values, self.method.status()))
-                    bar.set_postfix(postfix, refresh=False)
-                    if self.on_progress is not None:
-                        rate = (self.step - step_start) / max(time.perf_counter() - t_start, 1e-9)
-                        self.on_progress({"step": self.step, "steps": steps, "eta_s": (steps - self.step) / rate,
-                                          "val_acc": self.last_eval.get("val_acc")})
-                    if time.perf_counter() - last_flush > 10:  # the store's curves stay current
-                        self.flush()
-                        last_flush = time.perf_counter()
-                    t_window = time.perf_counter()
-                evaluating = self.method_cls.classifies and (self.step % cfg["eval_every"] == 0 or at_end)
-                if evaluating:
-                    postfix["val"] = f"{self.evaluate()['val_acc']:.1f}"
-                elif extra_reads and self.step % extra_reads == 0 and not at_end:
-                    self.validate()
-                if evaluating or (extra_reads and self.step % extra_reads == 0):
-                    postfix.update(self.method.status())
-                    bar.set_postfix(postfix, refresh=False)
-                    t_window = time.perf_counter()  # evaluation time is not training throughput
-                if self.step % cfg["ckpt_every"] == 0 or at_end:
-                    self.save_checkpoint()
-                    t_window = time.perf_counter()
-        return self.result(images_total / max(t_total, 1e-9))
+                for event in schedule.due(self.step):
+                    actions[event]()
+        return self.result(clock.images_per_s())
 
     def result(self, img_per_s: float) -> dict[str, Any]:
         s, last = self.selection, self.last_eval

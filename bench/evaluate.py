@@ -7,22 +7,30 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from bench.distributed import all_sum, shard
+
 
 @dataclass
 class Evaluation:
-    acc: float        # top-1 accuracy in percent
-    probs: Tensor     # (N, K) softmax probabilities
-    labels: Tensor    # (N,)
+    """Accuracy of a model on an index set, evaluated in shards across ranks: `probs` and
+    `labels` are this rank's shard, every number read from them is reduced over all ranks."""
+    acc: float        # top-1 accuracy in percent, over every rank's shard
+    probs: Tensor     # (n, K) softmax probabilities of this rank's shard
+    labels: Tensor    # (n,)
 
     def high_confidence_accuracy(self, confidence: float) -> tuple[float, int]:
         """(accuracy over predictions whose max probability exceeds `confidence`, their count);
         0 accuracy when none does."""
-        conf, pred = self.probs.max(dim=1)
-        sure = conf > confidence
-        n = int(sure.sum())
+        if len(self.probs):
+            conf, pred = self.probs.max(dim=1)
+            sure = conf > confidence
+            mine = torch.stack([(pred[sure] == self.labels[sure]).sum(), sure.sum()]).cpu()
+        else:  # a rank whose shard is empty (fewer images than ranks)
+            mine = torch.zeros(2, dtype=torch.long)
+        counts = all_sum(mine)
+        correct, n = (int(c) for c in counts)  # integer counts: 7/10 is exactly 70 %
         if n == 0:
             return 0.0, 0
-        correct = int((pred[sure] == self.labels[sure]).sum())  # integer counts: 7/10 is exactly 70 %
         return 100.0 * correct / n, n
 
 
@@ -42,6 +50,11 @@ def predict(model: nn.Module, x_u8: Tensor, to_input: Callable[[Tensor], Tensor]
 
 
 def evaluate(model: nn.Module, x_u8: Tensor, y: Tensor, to_input, batch_size: int, autocast) -> Evaluation:
-    probs = predict(model, x_u8, to_input, batch_size, autocast)
-    acc = 100.0 * int((probs.argmax(1) == y).sum()) / len(y) if len(y) else 0.0
-    return Evaluation(acc, probs, y)
+    """Every image counted once: each rank predicts its contiguous share (no padding), and the
+    correct counts are summed over ranks."""
+    part = shard(len(y))
+    probs = predict(model, x_u8[part], to_input, batch_size, autocast)
+    mine = (probs.argmax(1) == y[part]).sum() if len(probs) else torch.zeros((), dtype=torch.long)
+    correct = int(all_sum(mine.reshape(1).cpu())[0])
+    acc = 100.0 * correct / len(y) if len(y) else 0.0
+    return Evaluation(acc, probs, y[part])

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.batch import Batch, Images
+from bench.distributed import all_sum, world
 from bench.errors import UsageError
 from bench.evaluate import Evaluation, evaluate
-from bench.mixing import mix, one_hot_smooth, sample_mix_params
+from bench.mixing import mix, one_hot_smooth, partners_of, sample_mix_params
 from bench.options import Option
 from bench.pseudo import PseudoLabels
 
@@ -66,7 +67,7 @@ class Method:
     options: ClassVar[dict[str, Option]] = {}
     recipe: ClassVar[dict[str, Any]] = {}    # the method's own values of core options (its paper's)
     uses_labeled: ClassVar[bool] = True      # sample a labeled batch each step
-    uses_unlabeled: ClassVar[bool] = False   # sample unlabeled_batch_size() unlabeled images
+    uses_unlabeled: ClassVar[bool] = False   # sample unlabeled_batch_size(cfg) unlabeled images
     unlabeled_source: ClassVar[str] = "pool"  # "pool" (the split's) or "all" training images
     uses_decoder: ClassVar[bool] = False     # build the MAE decoder
     classifies: ClassVar[bool] = True        # evaluate accuracy (False for label-free pretraining)
@@ -130,8 +131,10 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def unlabeled_batch_size(self) -> int:
-        return int(round(self.cfg.get("mu", 0) * self.cfg["batch_size"])) if self.uses_unlabeled else 0
+    @classmethod
+    def unlabeled_batch_size(cls, cfg: dict[str, Any]) -> int:
+        """Unlabeled images per step over the whole (global) batch."""
+        return int(round(cfg.get("mu", 0) * cfg["batch_size"])) if cls.uses_unlabeled else 0
 
     # -- shared helpers ------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,7 +173,8 @@ class Method:
             draws = self.random.on(images)
             lam, perm, use_cutmix = sample_mix_params(draws, cfg["mixup_alpha"], cfg["cutmix_alpha"], 0.5,
                                                       self.random.host)
-            x, targets, _ = mix(x, targets, lam, perm, use_cutmix, draws)
+            x, targets, _ = mix(x, targets, lam, partners_of(x, perm, images), partners_of(targets, perm, images),
+                                use_cutmix, draws)
         return soft_cross_entropy(self.model(x), targets)
 
     def hard_pseudo_label_loss(self, x: Tensor, pl: PseudoLabels) -> Tensor:
@@ -187,11 +191,15 @@ class Method:
 
 
 def weighted_mean(values: Tensor, weights: Tensor | None = None) -> Tensor:
-    """sum(w * v) / sum(w) over the step's images (plain mean without weights); 0 when the
-    weights sum to 0. The one place a loss divides by a count of images."""
+    """sum(w * v) / sum(w) over the step's images, on every rank over the GLOBAL batch: the
+    denominator is summed over ranks (and the rank's share scaled up, since gradients are
+    averaged over ranks), so the loss is the same at any world size. Without weights, a plain
+    mean (equal slices: the mean of the ranks' means is the global mean). 0 when the weights
+    sum to 0. The one place a loss divides by a count of images."""
     if weights is None:
         return values.mean()
-    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
+    total = all_sum(weights.detach().sum())
+    return (values * weights).sum() * world().size / total.clamp_min(1e-12)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:

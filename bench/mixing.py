@@ -1,7 +1,7 @@
 """Mixup / CutMix on device batches, shared by supervised regularisation and pseudo-mixup.
 
-Every mix is per sample: image i is mixed with image perm[i] at weight lam[i], by mixup (a convex
-combination) or cutmix (a pasted box). A cutmix box is clipped at the border, so its lambda is
+Every mix is per sample: image i is mixed with its partner (drawn over the whole set, across
+ranks: `partners_of`) at weight lam[i], by mixup (a convex combination) or cutmix (a pasted box). A cutmix box is clipped at the border, so its lambda is
 corrected to the area that really stayed the sample's own; targets are mixed with that lambda.
 """
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from bench.batch import Images
+from bench.distributed import all_cat
 from bench.randomness import Draws
 
 
@@ -32,9 +34,16 @@ def sample_mix_params(draws: Draws, mixup_alpha: float, cutmix_alpha: float, swi
             torch.full((n,), use_cutmix, dtype=torch.bool, device=device))
 
 
-def prob_pseudo_mix_lambda(conf: Tensor, perm: Tensor) -> Tensor:
-    """Semi-ViT's probabilistic pseudo-mixup weight: lambda_i = p_i / (p_i + p_perm(i))."""
-    return conf / (conf + conf[perm]).clamp(min=1e-12)
+def partners_of(values: Tensor, perm: Tensor, images: Images) -> Tensor:
+    """For each of `images`, the `values` row of its partner: the image at position perm[p] of
+    the whole set, p its own position. Across ranks the set's rows are gathered first (a
+    partner may live on another rank), so pairs do not depend on the world size."""
+    return all_cat(values)[perm[images.positions]]
+
+
+def prob_pseudo_mix_lambda(conf: Tensor, conf_partner: Tensor) -> Tensor:
+    """Semi-ViT's probabilistic pseudo-mixup weight: lambda_i = p_i / (p_i + p_partner(i))."""
+    return conf / (conf + conf_partner).clamp(min=1e-12)
 
 
 def cutmix_masks(lam: Tensor, height: int, width: int, draws: Draws) -> Tensor:
@@ -53,10 +62,11 @@ def cutmix_masks(lam: Tensor, height: int, width: int, draws: Draws) -> Tensor:
             (cols >= x0.view(n, 1, 1)) & (cols < x1.view(n, 1, 1)))
 
 
-def mix(x: Tensor, targets: Tensor, lam: Tensor, perm: Tensor, use_cutmix: Tensor,
+def mix(x: Tensor, targets: Tensor, lam: Tensor, x_partner: Tensor, t_partner: Tensor, use_cutmix: Tensor,
         draws: Draws) -> tuple[Tensor, Tensor, Tensor]:
-    """Mix images (B, C, H, W) and soft targets (B, K) with partners `perm`; returns the mixed
-    images, the mixed targets and the effective lambda (area-corrected for cutmix)."""
+    """Mix images (B, C, H, W) and soft targets (B, K) with their partners' (`partners_of`);
+    returns the mixed images, the mixed targets and the effective lambda (area-corrected for
+    cutmix)."""
     n, _, h, w = x.shape
     lam = lam.to(x.dtype) if lam.is_floating_point() else lam.float()
     box = cutmix_masks(lam, h, w, draws)
@@ -65,7 +75,7 @@ def mix(x: Tensor, targets: Tensor, lam: Tensor, perm: Tensor, use_cutmix: Tenso
     lam_eff = torch.where(use_cutmix, cut_lam, lam)
     lam_img = lam.view(n, 1, 1, 1)
     mixed = torch.where(use_cutmix.view(n, 1, 1, 1),
-                        torch.where(box[:, None], x[perm], x),
-                        lam_img * x + (1 - lam_img) * x[perm])
+                        torch.where(box[:, None], x_partner, x),
+                        lam_img * x + (1 - lam_img) * x_partner)
     t = lam_eff.view(n, 1).to(targets.dtype)
-    return mixed, t * targets + (1 - t) * targets[perm], lam_eff
+    return mixed, t * targets + (1 - t) * t_partner, lam_eff

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bench.distributed import all_cat
 from bench.errors import UsageError
 from bench.evaluate import Evaluation
 
@@ -97,6 +98,8 @@ class PseudoLabelMemory:
         `rescore`, replace the batch's labels by this step's (forgetting the unadmitted). An
         image twice in the batch takes its first admitted label. Returns the mask of written
         entries."""
+        # every rank applies every rank's admissions, in row order: one memory, the same on all
+        idx, labels, mask = all_cat(idx), all_cat(labels), all_cat(mask)
         if rescore:
             self.labels[idx] = -1
         current = self.labels[idx]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from bench import checkpoint
 from bench.config import identity, synthetic_params
 from bench.data import load_dataset, prepare_cache_dir
+from bench.distributed import broadcast, world
 from bench.engine import Trainer, pick_device
 from bench.errors import Interrupted, RunStopped, UsageError
 from bench.io import atomic_write_text
@@ -67,10 +69,62 @@ def check_resumable(cfg: dict[str, Any], run_dir: Path) -> int:
     return checkpoint.saved_step(ckpt)
 
 
-def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_validation=None,
-            info: dict | None = None) -> tuple[str, dict]:
-    """Run the method of `cfg` as one tracked run; returns (run id, result)."""
+def check_world(cfg: dict[str, Any], world_size: int) -> None:
+    """Every per-step count of the run and its stages must split evenly over the ranks: each rank
+    computes an equal slice of the global batch."""
+    if world_size <= 1:
+        return
     method_cls = get_method(cfg["method"])
+    counts = [("--batch-size", cfg["batch_size"] if method_cls.uses_labeled else 0),
+              ("--mu x --batch-size", method_cls.unlabeled_batch_size(cfg))]
+    for stage in method_cls.stages:
+        stage_cls = get_method(stage.method)
+        scfg = stage_config(cfg, stage, stage_cls)
+        counts += [(f"--{stage.prefix}batch-size", scfg["batch_size"] if stage_cls.uses_labeled else 0),
+                   (f"--{stage.prefix}batch-size (unlabeled)", stage_cls.unlabeled_batch_size(scfg))]
+    for name, n in counts:
+        if n % world_size:
+            raise UsageError(f"{name} gives {n} images per step, which {world_size} ranks cannot share equally "
+                             f"(the batch is global); make it a multiple of {world_size}")
+
+
+class Follower:
+    """What a rank other than 0 holds of the tracked run: its id and directory. It writes
+    nothing: the run record, metrics, checkpoints and stages are rank 0's."""
+
+    def __init__(self, run_id: str, run_dir: str):
+        self.id, self.dir = run_id, Path(run_dir)
+
+    def log_scalar(self, name: str, value: float, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def set_info(self, key: str, value: Any) -> None:
+        pass
+
+
+@dataclass
+class Prepared:
+    """A run's inputs once every check has passed (nothing written yet)."""
+    cfg: dict[str, Any]
+    method_cls: type
+    data: Any
+    split: Any
+    resume_at: tuple[str, int] | None
+    observers: list
+
+
+def prepare(cfg: dict[str, Any], resume: str | None, world_size: int) -> Prepared:
+    """Everything that can reject a run, before anything is written: the world's batch split,
+    the device, the resume target, Mongo, the data, the split and what the method needs of it,
+    the model. `bench run --nproc` calls it before it starts any rank."""
+    method_cls = get_method(cfg["method"])
+    check_world(cfg, world_size)
     pick_device(cfg["device"])
     # Cheap checks first, then the data (which may download and decode), then the model.
     resume_at = None
@@ -78,26 +132,46 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
         run_dir = find_run_dir(cfg["results_dir"], resume)
         resume_at = (run_dir.name, check_resumable(cfg, run_dir))
         cfg = {**cfg, "results_dir": str(run_dir.parent.parent)}
-    observers = [mongo_observer(cfg["mongo"])] if cfg["mongo"] else []
+    observers = [mongo_observer(cfg["mongo"])] if cfg["mongo"] and world().is_main else []
     cache_dir = prepare_cache_dir(cfg["cache_dir"])
     data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg),
-                        progress=cfg["progress"])
+                        progress=cfg["progress"] and world().is_main)
     split = check_feasible(cfg, data, cache_dir)
     with torch.device("meta"):  # a model the options cannot build is rejected before any write
         build_model(cfg, data.num_classes, with_decoder=method_cls.uses_decoder)
-    prepare_runs_dir(cfg["results_dir"])
+    if world_size > 1:  # what each rank computes of the global batch, recorded with the run
+        cfg = {**cfg, "world_size": world_size,
+               "rank_batch": {"labeled": (cfg["batch_size"] if method_cls.uses_labeled else 0) // world_size,
+                              "unlabeled": method_cls.unlabeled_batch_size(cfg) // world_size}}
+    return Prepared(cfg, method_cls, data, split, resume_at, observers)
 
-    def main(run: RunHandle) -> dict:
+
+def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_validation=None,
+            info: dict | None = None) -> tuple[str, dict]:
+    """Run the method of `cfg` as one tracked run; returns (run id, result). In a distributed
+    world every rank calls this: rank 0 records the run, the others follow it."""
+    w = world()
+    p = prepare(cfg, resume, w.size)
+    cfg, method_cls, data, split, resume_at = p.cfg, p.method_cls, p.data, p.split, p.resume_at
+    if w.is_main:
+        prepare_runs_dir(cfg["results_dir"])
+
+    def main(run: RunHandle | Follower) -> dict:
+        if w.distributed and w.is_main:
+            broadcast((run.id, str(run.dir)))  # the followers learn where the run lives
         if os.environ.get("SSVIT_TRIAL"):
             run.set_info("optuna", json.loads(os.environ["SSVIT_TRIAL"]))
         run.set_info("split_hash", split.hash)
         run.set_info("dataset_hash", data.source_hash)
         run.set_info("checkpoint", str((run.dir / "checkpoint.pt").resolve()))
-        log(f"run {run.id}: {cfg['method']} on {cfg['dataset']} -> {run.dir}")
+        if w.is_main:
+            log(f"run {run.id}: {cfg['method']} on {cfg['dataset']} -> {run.dir}"
+                + (f" ({w.size} ranks)" if w.distributed else ""))
         try:
-            if os.environ.get("SSVIT_RUN_ID_FILE"):  # a study worker links its trial to this run
+            if os.environ.get("SSVIT_RUN_ID_FILE") and w.is_main:  # a study worker links its trial to this run
                 atomic_write_text(os.environ["SSVIT_RUN_ID_FILE"], run.id)
-            atomic_write_text(run.dir / "split.json", split.to_json())
+            if w.is_main:
+                atomic_write_text(run.dir / "split.json", split.to_json())
             weights, keep_head, stages = train_stages(cfg, method_cls, data, split, run)
             start = time.perf_counter()
             trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
@@ -117,7 +191,7 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 pass
             if isinstance(e, KeyboardInterrupt):
                 raise Interrupted(f"run {run.id} stopped; {kept(run.dir, run.id)}") from None
-            if isinstance(e, OSError):
+            if isinstance(e, OSError) and w.is_main:
                 where = Path(e.filename).parent if e.filename else run.dir
                 raise RunStopped(f"run {run.id} stopped: cannot write to {where} ({e.strerror or e}); "
                                  f"{kept(run.dir, run.id)} once the directory is writable again") from None
@@ -130,14 +204,17 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
         run.flush()  # cout.txt ends with the progress bar's final state, not the last checkpoint's
         return result
 
-    return tracked_run(cfg, main, resume=resume_at, info=info, observers=observers)
+    if not w.is_main:
+        run_id, run_dir = broadcast(None)
+        return run_id, main(Follower(run_id, run_dir))
+    return tracked_run(cfg, main, resume=resume_at, info=info, observers=p.observers)
 
 
 def progress_writer(stage: str):
     """Where a study worker runs this process, a callback that keeps $SSVIT_PROGRESS_FILE
     current (the study's display reads it); otherwise None."""
     path = os.environ.get("SSVIT_PROGRESS_FILE")
-    if not path:
+    if not path or not world().is_main:
         return None
 
     def write(progress: dict) -> None:
@@ -175,14 +252,15 @@ def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
             log = lambda name, value, step: run.log_scalar(f"{stage.name}.{name}", value, step)
             trainer = Trainer(scfg, stage_cls, data, split, stage_dir, log=log, flush=run.flush,
                               on_progress=progress_writer(stage.name))
-            if trainer.ckpt_path.exists():  # an interrupted stage continues where it stopped
+            if broadcast(trainer.ckpt_path.exists()):  # an interrupted stage continues where it stopped
                 trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
             elif prior is not None:
                 trainer.init_from(prior, prior_keep_head)
             start = time.perf_counter()
             result = trainer.run(progress=cfg["progress"])
             result["minutes"] = (time.perf_counter() - start) / 60
-            save_final(stage_dir, trainer.model, trainer.ema.model, scfg, result, trainer.init)
+            if world().is_main:
+                save_final(stage_dir, trainer.model, trainer.ema.model, scfg, result, trainer.init)
 
         weights, reused = run_stage(stage_dir, train)
         keep_head, previous = stage.keep_head, key

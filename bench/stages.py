@@ -13,6 +13,7 @@ time any run needs it; concurrent runs needing one stage wait for each other (fi
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,7 @@ import torch
 
 from bench import checkpoint
 from bench.config import IDENTITY_EXCLUDED
+from bench.distributed import barrier, broadcast, world
 from bench.io import atomic_write_text
 
 # Bumped when what a stage computes from the same config changes (2: images and augmentations
@@ -75,14 +77,19 @@ def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_ha
 
 def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str, Any], bool]:
     """Return the stage's final weights, training them with `train(stage_dir)` unless cached.
-    Returns (weights, reused)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    Returns (weights, reused). Across ranks, rank 0 holds the lock and decides; every rank
+    trains (rank 0 writes) and then reads the same final weights."""
+    main = world().is_main
     final = stage_dir / "final.pt"
-    with open(stage_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run needing this stage waits here
-        reused = final.exists()
+    with contextlib.ExitStack() as stack:
+        if main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            lock = stack.enter_context(open(stage_dir / ".lock", "w"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run needing this stage waits here
+        reused = broadcast(final.exists())
         if not reused:
             train(stage_dir)
+        barrier()
         return checkpoint.load(final), reused
 
 

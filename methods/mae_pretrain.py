@@ -25,8 +25,9 @@ class MAEPretrain(Method):
     uses_decoder = True
     classifies = False
 
-    def unlabeled_batch_size(self) -> int:
-        return self.cfg["batch_size"]
+    @classmethod
+    def unlabeled_batch_size(cls, cfg) -> int:
+        return cfg["batch_size"]
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         loss = self.reconstruction_loss(self.views.mae(batch.u), batch.u, self.cfg["mask_ratio"])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from bench.batch import Batch
 from bench.method import register, soft_cross_entropy, weighted_mean
-from bench.mixing import mix, one_hot_smooth, prob_pseudo_mix_lambda
+from bench.mixing import mix, one_hot_smooth, partners_of, prob_pseudo_mix_lambda
 from bench.options import Option, non_negative, positive, unit_open
 from bench.pseudo import PseudoLabels
 from bench.stages import Stage
@@ -66,9 +66,11 @@ class SemiViT(FixMatch):
         loss (over all unlabeled images) and the share kept."""
         cfg, draws = self.cfg, self.random.on(batch.u)
         perm = draws.partners()
-        lam = prob_pseudo_mix_lambda(pl.conf, perm)
+        conf_p = partners_of(pl.conf, perm, batch.u)
+        lam = prob_pseudo_mix_lambda(pl.conf, conf_p)
         use_cutmix = draws.uniform() < cfg["cutmix_prob"]
         targets = one_hot_smooth(pl.labels, self.num_classes, cfg["pl_smoothing"])
-        x_mixed, t_mixed, _ = mix(x_strong, targets, lam, perm, use_cutmix, draws)
-        keep = (torch.maximum(pl.conf, pl.conf[perm]) >= cfg["tau"]).float()
+        x_mixed, t_mixed, _ = mix(x_strong, targets, lam, partners_of(x_strong, perm, batch.u),
+                                  partners_of(targets, perm, batch.u), use_cutmix, draws)
+        keep = (torch.maximum(pl.conf, conf_p) >= cfg["tau"]).float()
         return soft_cross_entropy(self.model(x_mixed), t_mixed, weights=keep), weighted_mean(keep)
