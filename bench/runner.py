@@ -18,8 +18,9 @@ from bench import checkpoint
 from bench.config import identity, synthetic_params
 from bench.data import load_dataset, prepare_cache_dir
 from bench.distributed import broadcast, world
+from bench.distributed.faults import recording_failure
 from bench.engine import Trainer, pick_device
-from bench.errors import Interrupted, RunStopped, UsageError
+from bench.errors import Interrupted, PeerLost, RunStopped, UsageError
 from bench.io import atomic_write_text
 from bench.method import get_method
 from bench.model import build_model
@@ -75,17 +76,24 @@ def check_world(cfg: dict[str, Any], world_size: int) -> None:
     if world_size <= 1:
         return
     method_cls = get_method(cfg["method"])
-    counts = [("--batch-size", cfg["batch_size"] if method_cls.uses_labeled else 0),
-              ("--mu x --batch-size", method_cls.unlabeled_batch_size(cfg))]
+    counts = step_counts(cfg, method_cls, "")
     for stage in method_cls.stages:
         stage_cls = get_method(stage.method)
-        scfg = stage_config(cfg, stage, stage_cls)
-        counts += [(f"--{stage.prefix}batch-size", scfg["batch_size"] if stage_cls.uses_labeled else 0),
-                   (f"--{stage.prefix}batch-size (unlabeled)", stage_cls.unlabeled_batch_size(scfg))]
+        counts += step_counts(stage_config(cfg, stage, stage_cls), stage_cls, stage.prefix)
     for name, n in counts:
         if n % world_size:
             raise UsageError(f"{name} gives {n} images per step, which {world_size} ranks cannot share equally "
                              f"(the batch is global); make it a multiple of {world_size}")
+
+
+def step_counts(cfg: dict[str, Any], method_cls, prefix: str) -> list[tuple[str, int]]:
+    """(the options behind it, images) for the labeled and unlabeled parts of a step."""
+    flag = f"--{prefix.replace('_', '-')}batch-size"
+    out = [(flag, cfg["batch_size"])] if method_cls.uses_labeled else []
+    if method_cls.uses_unlabeled:
+        name = f"--{prefix.replace('_', '-')}mu x {flag}" if "mu" in cfg else flag
+        out.append((name, method_cls.unlabeled_batch_size(cfg)))
+    return out
 
 
 class Follower:
@@ -184,13 +192,18 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 run.set_info("init", trainer.init)
             result = trainer.run(progress=cfg["progress"])
         except BaseException as e:
-            run.set_info("failure", f"{type(e).__name__}: {e}".strip().rstrip(":"))
+            recording_failure()
+            lost = w.distributed and is_peer_failure(e)
+            run.set_info("failure", f"PeerLost: {peer_reason(e)}" if lost else f"{type(e).__name__}: {e}".strip().rstrip(":"))
             try:
                 run.flush()  # the reason and the last curve points reach the store
             except Exception:
                 pass
             if isinstance(e, KeyboardInterrupt):
                 raise Interrupted(f"run {run.id} stopped; {kept(run.dir, run.id)}") from None
+            if lost:
+                raise PeerLost(f"run {run.id} stopped: {peer_reason(e)}; {kept(run.dir, run.id)} (with any "
+                               f"number of ranks)") from None
             if isinstance(e, OSError) and w.is_main:
                 where = Path(e.filename).parent if e.filename else run.dir
                 raise RunStopped(f"run {run.id} stopped: cannot write to {where} ({e.strerror or e}); "
@@ -208,6 +221,20 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
         run_id, run_dir = broadcast(None)
         return run_id, main(Follower(run_id, run_dir))
     return tracked_run(cfg, main, resume=resume_at, info=info, observers=p.observers)
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone (or the launcher stopped this one)."""
+    if isinstance(e, PeerLost) or isinstance(e, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(w in text for w in ("gloo", "Gloo", "NCCL", "Connection", "timed out"))
+
+
+def peer_reason(e: BaseException) -> str:
+    if isinstance(e, PeerLost):
+        return str(e).split(";")[0]
+    return f"another rank stopped responding ({str(e).splitlines()[0].split('] ')[-1][:120]})"
 
 
 def progress_writer(stage: str):

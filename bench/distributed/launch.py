@@ -57,21 +57,21 @@ def watch(procs: list[subprocess.Popen], interrupted: list, grace: float) -> tup
     """Wait for every rank; pass Ctrl-C on; once a rank fails, stop the rest. Returns the first
     failed (rank, exit code), or None when all ended well."""
     forwarded, first, deadline = 0, None, None
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):  # poll every rank (any() would stop at the first)
         if len(interrupted) > forwarded:
             forwarded = len(interrupted)
             for p in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGINT)
         if first is None:
-            for rank, p in enumerate(procs):
-                if p.returncode not in (None, 0) and not (p.returncode == 130 and interrupted):
-                    first = (rank, p.returncode)
-                    for other in procs:
-                        if other.poll() is None:
-                            other.send_signal(signal.SIGTERM)
-                    deadline = time.monotonic() + grace
-                    break
+            failed = [(rank, p.returncode) for rank, p in enumerate(procs)
+                      if p.returncode not in (None, 0) and not (p.returncode == 130 and interrupted)]
+            if failed:  # a rank killed outright is the cause; ranks that then lost it are the effect
+                first = min(failed, key=lambda f: (f[1] >= 0, f[0]))
+                for other in procs:
+                    if other.poll() is None:
+                        other.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + grace
         if deadline is not None and time.monotonic() > deadline:
             for p in procs:
                 if p.poll() is None:
