@@ -182,12 +182,20 @@ def cmd_study(argv: Sequence[str]) -> int:
                         "`bench run` process each (default 1)")
     parser.add_argument("--heartbeat", type=finite_float, default=30.0, help="seconds between trial heartbeats; "
                         "a trial silent for 4 heartbeats is retried")
+    parser.add_argument("--gpus-per-trial", type=int, default=1, metavar="K", help="run each cell on K ranks "
+                        "(`bench run --nproc K`): K GPUs of the worker's own, or K CPU processes (default 1)")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local", help="local: the workers "
+                        "are processes of this command; slurm: each worker is a SLURM job (submitit), requeued "
+                        "on preemption, and this command waits for them (default local)")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE", help="a submitit "
+                        "SlurmExecutor parameter for --launcher slurm, e.g. --slurm partition=gpu --slurm time=240 "
+                        "--slurm gpus_per_node=8 (repeatable)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show a bar over cells and the step, accuracy and ETA of running cells")
     add_set_argument(parser)
     args = parser.parse_args(argv)
     from bench.study_cli import run_study
-    return run_study(args, parse_sets(args.set))
+    return run_study(args, parse_sets(args.set), list(argv))
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:

@@ -416,13 +416,23 @@ def _stop_on_sigint(trainer: Trainer):
         yield
         return
 
+    seen: set[int] = set()
+
     def handler(signum, frame):
-        if trainer._stop_requested:  # a second Ctrl-C stops at once
+        # a second Ctrl-C stops at once; a SIGTERM and the SIGINT a study worker passes on after
+        # it (both arrive when SLURM preempts a job) are one request
+        if signum in seen:
             raise KeyboardInterrupt
+        seen.add(signum)
         trainer._stop_requested = True
 
     previous = signal.signal(signal.SIGINT, handler)
+    # A single process stops on SIGTERM (a preempted job, `kill`) as on Ctrl-C, checkpoint first;
+    # across ranks a SIGTERM means another rank failed (bench.distributed.faults).
+    previous_term = None if trainer.world.distributed else signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,10 @@ import optuna
 from bench.config import DATASETS, synthetic_params
 from bench.data import load_dataset, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
-from bench.runner import check_feasible
+from bench.runner import check_feasible, check_world
 from bench.report import write_report
 from bench.studies import StudySpec, load_study, parse_values
-from bench.sweep import Sweep, default_storage, open_storage, read_board
+from bench.sweep import Sweep, default_storage, open_storage, read_board, study_name
 from bench.tracking import prepare_runs_dir
 
 
@@ -32,10 +33,12 @@ def _spec(args: argparse.Namespace) -> StudySpec:
     return load_study(args.study).cut(args.methods, parse_values(args.values))
 
 
-def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[str] | None = None) -> int:
     spec = _spec(args)
-    if args.workers < 1 or (args.seeds is not None and args.seeds < 1) or args.heartbeat <= 0:
-        raise UsageError("--workers and --seeds must be >= 1 and --heartbeat > 0; fix the value")
+    if args.workers < 1 or (args.seeds is not None and args.seeds < 1) or args.heartbeat <= 0 \
+            or args.gpus_per_trial < 1:
+        raise UsageError("--workers, --seeds and --gpus-per-trial must be >= 1 and --heartbeat > 0; fix the value")
+    check_gpus(args.workers if args.launcher == "local" else 1, args.gpus_per_trial)
     preset = args.preset or spec.preset
     results_dir = Path(args.results_dir)
     cli = {**overrides, **({"data": args.data} if args.data else {})}
@@ -50,17 +53,21 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         data = load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
         for cell, cell_cfg in zip(cells, cfgs):  # a cell that cannot work stops the study before it starts
             try:
+                check_world(cell_cfg, args.gpus_per_trial)
                 check_feasible(cell_cfg, data, cache)
             except UsageError as e:
                 raise UsageError(f"cell {cell.key}: {e}") from None
     prepare_runs_dir(results_dir)
     storage = args.storage or default_storage(results_dir)
+    if args.launcher == "slurm":
+        return run_on_slurm(args, argv or [], specs, storage, results_dir, preset)
     interrupted = None
     for dataset in datasets:
         spec = specs[dataset]
         cells = spec.cells(args.seeds)
         sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
-                      workers=args.workers, heartbeat=args.heartbeat, progress=args.progress)
+                      workers=args.workers, heartbeat=args.heartbeat, progress=args.progress,
+                      gpus_per_trial=args.gpus_per_trial)
         sweep.study.set_user_attr("seeds", len({c.seed for c in cells}))
         try:
             counts = sweep.run()
@@ -77,6 +84,43 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if interrupted:
         raise Interrupted(interrupted)
     return 0
+
+
+def check_gpus(workers: int, per_trial: int) -> None:
+    """Every worker's cells get `per_trial` GPUs of their own, where this machine has GPUs."""
+    import torch
+    if per_trial > 1 and torch.cuda.is_available() and workers * per_trial > torch.cuda.device_count():
+        raise UsageError(f"--workers {workers} x --gpus-per-trial {per_trial} needs {workers * per_trial} GPUs, "
+                         f"{torch.cuda.device_count()} are visible; lower one of them")
+
+
+def run_on_slurm(args: argparse.Namespace, argv: list[str], specs: dict, storage: str, results_dir: Path,
+                 preset: str | None) -> int:
+    """Submit --workers SLURM jobs, each one worker of this very study, wait, then report."""
+    from bench.cli import strip_flag
+    from bench.distributed import slurm
+    worker = strip_flag(strip_flag(strip_flag(list(argv), "--launcher"), "--slurm"), "--workers")
+    worker += ["--launcher", "local", "--workers", "1", "--no-progress"]
+    if "--storage" not in argv:
+        worker += ["--storage", storage]
+    folder = results_dir / "slurm"
+    jobs = slurm.submit_workers(worker, args.workers, folder, slurm.parse_options(args.slurm))
+    print(f"study {spec_names(specs)}: {len(jobs)} SLURM job(s) {', '.join(j.job_id for j in jobs)}; logs in "
+          f"{folder}", flush=True)
+    bad = slurm.wait(jobs)
+    for line in bad:
+        print(f"warning: {line}", file=sys.stderr)
+    for dataset, spec in specs.items():
+        study = optuna.load_study(study_name=study_name(spec, dataset, preset), storage=open_storage(storage))
+        cells = spec.cells(args.seeds)
+        out = write_report(spec, study, cells, results_dir, dataset, preset, args.report_dir)
+        done = sum(read_board(study, 4 * args.heartbeat).done(c.key) for c in cells)
+        print(f"study {study.study_name}: {done}/{len(cells)} cells done; report in {out}")
+    return 0 if not bad else 1
+
+
+def spec_names(specs: dict) -> str:
+    return next(iter(specs.values())).name
 
 
 def report_study(args: argparse.Namespace) -> int:

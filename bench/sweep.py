@@ -61,24 +61,57 @@ def open_storage(url: str):
             raise UsageError(f"cannot open the study journal {path} ({e.strerror}); pass --results-dir "
                              f"or --storage to a writable place") from None
         return optuna.storages.JournalStorage(backend)
-    for attempt in range(6):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        except ImportError:
-            break
-        except Exception as e:
-            # workers starting together race to create the schema; the loser retries
-            if "IntegrityError" not in type(e).__name__ and "UniqueViolation" not in str(e) or attempt == 5:
-                break
-            time.sleep(0.2 + random.random())
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        created = create_schema_once(url)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, skip_table_creation=created)
     except ImportError as e:
         raise UsageError(f"--storage {redact(url)}: its database driver is not installed "
                          f"({e.__cause__ or e}); for PostgreSQL pip install 'ssvit-bench[postgres]'") from None
     except Exception as e:
-        raise UsageError(f"cannot open --storage {redact(url)} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160]}); check the URL and that the server runs") from None
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        if is_connection_error(e):
+            raise UsageError(f"cannot reach --storage {redact(url)} ({type(e).__name__}: {first}); check the "
+                             f"URL and that the server runs") from None
+        raise UsageError(f"--storage {redact(url)} was reached but opening its Optuna tables failed "
+                         f"({type(e).__name__}: {first}); check that the database is an Optuna storage of "
+                         f"this Optuna version (`optuna storage upgrade --storage URL` migrates an old one)") from None
+
+
+# Any 64-bit key works; this one is the suite's, so its workers queue behind each other only.
+SCHEMA_LOCK = 0x55566974
+
+
+def create_schema_once(url: str) -> bool:
+    """Create Optuna's tables while holding a database-wide lock (PostgreSQL advisory lock,
+    MySQL GET_LOCK), so workers that open a fresh database at the same instant queue for the
+    schema instead of racing to create it (which fails with a UniqueViolation on pg_type).
+    Returns whether the schema now exists (False: a database this does not lock, e.g. SQLite)."""
+    import sqlalchemy
+    engine = sqlalchemy.create_engine(url)
+    try:
+        name = engine.dialect.name
+        if name not in ("postgresql", "mysql", "mariadb"):
+            return False  # SQLite: one machine, the file lock serialises creation
+        with engine.connect() as conn:
+            if name == "postgresql":
+                conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({SCHEMA_LOCK})"))
+            else:
+                conn.execute(sqlalchemy.text(f"SELECT GET_LOCK('ssvit_bench_schema', 600)"))
+            try:
+                optuna.storages.RDBStorage(url).remove_session()  # creates what is missing
+            finally:
+                if name == "postgresql":
+                    conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({SCHEMA_LOCK})"))
+                else:
+                    conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK('ssvit_bench_schema')"))
+        return True
+    finally:
+        engine.dispose()
+
+
+def is_connection_error(e: Exception) -> bool:
+    import sqlalchemy
+    return isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, ConnectionError, OSError))
 
 
 def study_name(spec: StudySpec, dataset: str, preset: str | None) -> str:
@@ -127,6 +160,7 @@ class Sweep:
     cli: dict[str, Any] = field(default_factory=dict)
     data: str | None = None
     workers: int = 1
+    gpus_per_trial: int = 1   # ranks per cell: its GPUs (or CPU processes on a machine without)
     heartbeat: float = 30.0
     progress: bool = True
     log: Any = print
@@ -152,16 +186,18 @@ class Sweep:
         done = sum(board.done(c.key) for c in self.cells)
         self.log(f"study {self.name}: {len(self.cells)} cells, {done} already done; "
                  f"storage {redact(self.storage_url)}")
-        gpus = _visible_gpus()
-        threads = [threading.Thread(target=self._worker, args=(i, gpus[i % len(gpus)] if gpus else None),
-                                    daemon=True) for i in range(self.workers)]
+        slots = gpu_slots(_visible_gpus(), self.workers, self.gpus_per_trial)
+        threads = [threading.Thread(target=self._worker, args=(i, slots[i]), daemon=True)
+                   for i in range(self.workers)]
         bar = tqdm(total=len(self.cells), initial=done, desc=self.spec.name, unit="cell", disable=not self.progress)
         cell_bars = [tqdm(total=1, position=i + 1, leave=False, disable=not self.progress,
                           bar_format="  {desc} {percentage:3.0f}%|{bar:20}| {n}/{total} {postfix}")
                      for i in range(self.workers)]
         # Ctrl-C only counts presses: a KeyboardInterrupt raised inside a storage call could leave
-        # the journal's lock behind, and a signal handler must not take locks.
+        # the journal's lock behind, and a signal handler must not take locks. SIGTERM (a SLURM
+        # preemption, `kill`) stops the study the same way.
         previous = signal.signal(signal.SIGINT, self._count_sigint)
+        previous_term = signal.signal(signal.SIGTERM, self._count_sigint)
         try:
             for t in threads:
                 t.start()
@@ -178,6 +214,7 @@ class Sweep:
                 raise KeyboardInterrupt
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
             for b in cell_bars:
                 b.close()
             bar.close()
@@ -279,6 +316,8 @@ class Sweep:
             id_file, progress_file = Path(tmp) / "run_id", Path(tmp) / "progress.json"
             cmd = [sys.executable, "-m", "bench.cli", "run", cell.method, "--study-layer", json.dumps(cfg_layer),
                    "--results-dir", str(self.results_dir), "--no-progress"]
+            if self.gpus_per_trial > 1:  # one run on K ranks (bench run --nproc)
+                cmd += ["--nproc", str(self.gpus_per_trial)]
             if self.preset:
                 cmd += ["--preset", self.preset]
             if self.data:
@@ -293,8 +332,9 @@ class Sweep:
                                                "storage": redact(self.storage_url), "cell": cell.key}))
             if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
-            elif self.workers > 1:  # CPU runs share the cores instead of oversubscribing them
-                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.workers)))
+            elif self.workers * self.gpus_per_trial > 1:  # CPU ranks share the cores instead of oversubscribing
+                env.setdefault("OMP_NUM_THREADS",
+                               str(max(1, (os.cpu_count() or 1) // (self.workers * self.gpus_per_trial))))
             with self._lock:  # started under the lock: after a Ctrl-C no new run starts
                 proc = None if self._stop.is_set() else subprocess.Popen(
                     cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -382,6 +422,19 @@ class Sweep:
             self.study.tell(trial.number, value if state == TrialState.COMPLETE else None, state=state)
         except (ValueError, RuntimeError):
             pass  # another worker finished it first (e.g. two workers failing one stale trial)
+
+
+def gpu_slots(gpus: list[str], workers: int, per_trial: int) -> list[str | None]:
+    """Each worker's CUDA_VISIBLE_DEVICES: `per_trial` GPUs of its own, or None without GPUs.
+    A worker with one GPU of several keeps the round-robin of one GPU per worker."""
+    if not gpus:
+        return [None] * workers
+    if per_trial == 1:
+        return [gpus[i % len(gpus)] for i in range(workers)]
+    if workers * per_trial > len(gpus):
+        raise UsageError(f"--workers {workers} x --gpus-per-trial {per_trial} needs {workers * per_trial} GPUs, "
+                         f"{len(gpus)} are visible; lower one of them")
+    return [",".join(gpus[i * per_trial:(i + 1) * per_trial]) for i in range(workers)]
 
 
 def _visible_gpus() -> list[str]:

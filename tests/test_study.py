@@ -3,6 +3,8 @@ killed workers are retried, concurrent workers (journal and PostgreSQL) never du
 a failing cell is recorded and skipped, and the report equals a hand computation."""
 import signal
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from helpers import assert_rejected, bench, kill, load_json, run_cli, run_dirs, start_bench
+from helpers import REPO, assert_rejected, bench, kill, load_json, run_cli, run_dirs, start_bench
 
 FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
         "--set", "ckpt_every=10", "--set", "log_every=5"]
@@ -337,3 +339,41 @@ def test_no_password_is_ever_printed_or_recorded(tmp_path, postgres):
     for path in results.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".txt", ".yaml", ".csv"):
             assert secret not in path.read_text(errors="ignore"), path
+
+
+JOIN = """
+import sys, time
+from pathlib import Path
+from bench.sweep import open_storage          # imports done before the start signal
+import optuna
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+storage = open_storage(sys.argv[1])
+optuna.create_study(study_name="race", storage=storage, load_if_exists=True)
+print("joined")
+"""
+
+
+def test_workers_released_together_on_a_fresh_database_all_join(tmp_path, postgres):
+    """Optuna's own RDBStorage races to create its schema (IntegrityError on pg_type); the
+    suite creates it once under a database lock, so every worker joins, every time."""
+    import psycopg
+    base, workers = postgres.rsplit("/", 1)[0], 8
+    admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True)
+    for round_ in range(3):
+        name = f"ssvit_race_{uuid.uuid4().hex[:10]}"
+        admin.execute(f"CREATE DATABASE {name}")
+        try:
+            go = tmp_path / f"go{round_}"
+            procs = [subprocess.Popen([sys.executable, "-c", JOIN, f"{base}/{name}", str(go)], cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(workers)]
+            time.sleep(8)  # every worker has imported and waits for the start
+            go.touch()
+            outs = [p.communicate(timeout=120) for p in procs]
+            failed = [err[-600:] for p, (out, err) in zip(procs, outs) if p.returncode != 0 or "joined" not in out]
+            assert not failed, f"round {round_}: {len(failed)} of {workers} workers failed: {failed[0]}"
+        finally:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()

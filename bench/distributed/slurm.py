@@ -1,0 +1,94 @@
+"""`bench study ... --launcher slurm`: the study's workers as SLURM jobs, through submitit.
+
+Each job runs one `bench study` worker (the same command, `--launcher local`) against the
+study's shared storage (a PostgreSQL URL for several nodes; the journal file on one). A job that
+is preempted or reaches its time limit is requeued: SLURM's SIGTERM stops the worker as Ctrl-C
+would (every running cell checkpoints), submitit's signal then requeues the job, and the new
+incarnation resumes the interrupted cell from its checkpoint. The submitting command waits for
+its jobs and writes the report.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.errors import UsageError
+
+
+def _executor(folder: Path, options: dict[str, Any]):
+    try:
+        import submitit
+    except ImportError:
+        raise UsageError("--launcher slurm needs submitit; pip install 'ssvit-bench[slurm]'") from None
+    import shutil
+    if shutil.which("sbatch") is None:
+        raise UsageError("--launcher slurm: no `sbatch` on this machine; run from a SLURM login node or use "
+                         "--launcher local")
+    executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=10)
+    executor.update_parameters(**options)
+    return executor
+
+
+class StudyWorker:
+    """A study worker as a submitit job: `bench study ...` in a subprocess. On preemption or
+    time-out, submitit calls `checkpoint`, which waits for the worker to finish stopping (SLURM's
+    SIGTERM already told it to) and asks for the same call again."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+        self.proc: subprocess.Popen | None = None
+
+    def __call__(self) -> int:
+        # submitit's own signal reaches every process of the job; only submitit acts on it
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "study", *self.argv],
+                                     preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+        code = self.proc.wait()
+        if code not in (0, 130):
+            raise RuntimeError(f"the study worker exited with code {code}")
+        return code
+
+    def checkpoint(self):
+        import submitit
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # the cells checkpoint at their next step
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return submitit.helpers.DelayedSubmission(StudyWorker(self.argv))
+
+    def __getstate__(self) -> dict:
+        return {"argv": self.argv, "proc": None}
+
+
+def submit_workers(argv: list[str], workers: int, folder: Path, options: dict[str, Any]) -> list:
+    """Submit `workers` jobs each running `bench study argv`; returns the submitit jobs."""
+    executor = _executor(folder, options)
+    return [executor.submit(StudyWorker(argv)) for _ in range(workers)]
+
+
+def wait(jobs: list) -> list[str]:
+    """Wait for every job; the states of those that did not end well."""
+    bad = []
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as e:  # a failed job: its cells are retried by the others or a rerun
+            bad.append(f"job {job.job_id}: {str(e).splitlines()[-1][:200] if str(e) else type(e).__name__}")
+    return bad
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """`--slurm KEY=VALUE` (repeatable) as submitit SlurmExecutor parameters, e.g. partition=gpu,
+    time=240 (minutes), gpus_per_node=8, cpus_per_task=10, signal_delay_s=120."""
+    import yaml
+    out: dict[str, Any] = {"signal_delay_s": 90}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--slurm {item!r}: expected KEY=VALUE, e.g. --slurm partition=gpu")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,86 @@
+"""Studies on a real one-node SLURM (`.ci/slurm-up` starts munge, slurmctld and slurmd): the
+workers run as SLURM jobs through submitit, and a preempted job is requeued and resumes its
+cell from the run's checkpoint."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, bench_env, load_json, run_dirs
+
+REQUIRED = os.environ.get("SSVIT_REQUIRE_SLURM") == "1"  # CI: a missing cluster fails, it does not skip
+
+
+def slurm_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+pytestmark = [pytest.mark.skipif(not REQUIRED and not slurm_up(), reason="no SLURM cluster here"),
+              pytest.mark.skipif(not REQUIRED and pytest.importorskip("submitit") is None, reason="no submitit")]
+FAST = ["--preset", "smoke", "--no-progress", "--set", "eval_every=10", "--set", "log_every=5"]
+
+
+def study_file(tmp_path, lrs, seeds=1):
+    path = tmp_path / "slurm.yaml"
+    path.write_text(f"methods: [supervised]\naxes: {{lr: {{values: {list(lrs)}}}}}\nseeds: {seeds}\n")
+    return path
+
+
+def env(tmp_path):
+    e = {**bench_env(tmp_path / "cache"), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return e
+
+
+def test_study_workers_run_as_slurm_jobs(tmp_path):
+    assert slurm_up(), "the one-node SLURM is not running: run .ci/slurm-up"
+    results = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "study", str(study_file(tmp_path, [0.002, 0.004])),
+                           "--dataset", "synthetic", *FAST, "--set", "steps=20", "--results-dir", str(results),
+                           "--launcher", "slurm", "--workers", "2", "--slurm", "time=10"],
+                          cwd=REPO, env=env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert re.search(r"2 SLURM job\(s\) \d+, \d+", done.stdout), done.stdout
+    assert "2/2 cells done" in done.stdout
+    runs = run_dirs(results)
+    assert len(runs) == 2 and all(load_json(r / "run.json")["status"] == "COMPLETED" for r in runs)
+    assert (results / "reports" / "slurm" / "synthetic-smoke" / "table.md").exists()
+
+
+def test_a_preempted_worker_job_is_requeued_and_resumes_its_cell(tmp_path):
+    assert slurm_up(), "the one-node SLURM is not running: run .ci/slurm-up"
+    results = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "study", str(study_file(tmp_path, [0.002])),
+                             "--dataset", "synthetic", *FAST, "--set", "steps=400", "--set", "ckpt_every=20",
+                             "--results-dir", str(results), "--launcher", "slurm", "--workers", "1",
+                             "--heartbeat", "2", "--slurm", "time=20"],
+                            cwd=REPO, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    job = re.search(r"job\(s\) (\d+)", line)
+    assert job, line + proc.stderr.read()[-2000:]
+    job = job.group(1)
+    ckpt = results / "runs" / "1" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists():
+        assert time.time() < deadline and proc.poll() is None, "the cell did not get going"
+        time.sleep(0.2)
+    # what submitit's own preemption test does: SIGTERM to the job's processes, then its signal
+    subprocess.run(["scancel", job, "--signal", "SIGTERM"], check=True)
+    time.sleep(1)
+    subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert "1/1 cells done" in out
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert re.search(r"Restarts=[1-9]", shown), shown          # SLURM requeued the job
+    (run,) = run_dirs(results)                                   # one run, resumed in place
+    assert load_json(run / "run.json")["status"] == "COMPLETED"
+    assert load_json(run / "info.json")["resumed_from_step"] > 0
