@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from bench import compare
 from bench.io import atomic_write_text
+from bench.method import get_method
 from bench.studies import Cell, StudySpec
 
 RESULTS = ("test_acc", "test_acc_ema", "test_acc_selected", "val_acc", "val_acc_ema", "selected_val_acc", "minutes",
@@ -51,7 +52,7 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
                 metrics = _json(run_dir / "metrics.json")
                 row.update(run_id=run_dir.name, trial=trial.number, **{k: result.get(k) for k in RESULTS})
                 row.update({k: _tail_mean(metrics, name, result.get("steps")) for k, name in HEALTH.items()})
-                row.update(budget_of(result))
+                row.update(budget_of(result, cell.method))
                 row.update(provenance(record))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -60,10 +61,14 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
 BUDGET = ("labeled_images", "unlabeled_images", "forward_images")
 
 
-def budget_of(result: dict) -> dict[str, Any]:
-    """A run's budget with its earlier stages': optimizer steps per stage ("1500 + 500 + 2000",
-    stages first), and labeled, unlabeled and forward-pass images summed over all of them."""
-    parts = [s.get("budget") or {} for s in (result.get("stages") or {}).values()] + [result.get("budget") or {}]
+def budget_of(result: dict, method: str) -> dict[str, Any]:
+    """A run's budget with its earlier stages': optimizer steps per stage in pipeline order
+    ("6000 + 500 + 2000": pretraining, fine-tuning, own), and labeled, unlabeled and forward-pass
+    images summed over all of them."""
+    stages = result.get("stages") or []
+    if isinstance(stages, dict):  # records that keyed stages by name: the method declares the order
+        stages = [stages[s.name] for s in get_method(method).stages if s.name in stages]
+    parts = [s.get("budget") or {} for s in stages] + [result.get("budget") or {}]
     if not parts[-1]:
         return {}
     out: dict[str, Any] = {"steps": " + ".join(str(p.get("steps", "?")) for p in parts)}

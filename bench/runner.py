@@ -212,8 +212,9 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
         # this run's own steps; its earlier stages' cost (cached or not) is reported beside it
         result["minutes"] = (time.perf_counter() - start) / 60
         result["stage_minutes"] = sum(s["minutes"] for s in stages.values())
-        result["stages"] = {name: {"minutes": s["minutes"], "reused": s["reused"], "budget": s["budget"]}
-                            for name, s in stages.items()}
+        # a list: the record's JSON sorts mapping keys, and a stage's place in the pipeline matters
+        result["stages"] = [{"name": name, "minutes": s["minutes"], "reused": s["reused"], "budget": s["budget"]}
+                            for name, s in stages.items()]
         run.flush()  # cout.txt ends with the progress bar's final state, not the last checkpoint's
         return result
 

@@ -54,3 +54,16 @@ metric: test_acc
     assert row["method"] == "fixmatch" and row["reference"] == "method supervised" and row["n_pairs"] == 2
     assert (row["diff"], row["ci_low"], row["ci_high"]) == pytest.approx((mean, low, high))
     assert "Differences to method supervised" in text and f"{mean:+.2f}" in text
+
+
+def test_a_budget_lists_the_stages_in_pipeline_order():
+    from bench.report import budget_of
+    own = {"steps": 2000, "labeled_images": 64000, "unlabeled_images": 128000, "forward_images": 300000}
+    pretrain = {"steps": 6000, "labeled_images": 0, "unlabeled_images": 1536000, "forward_images": 400000}
+    finetune = {"steps": 500, "labeled_images": 16000, "unlabeled_images": 0, "forward_images": 16000}
+    listed = {"budget": own, "stages": [{"name": "pretrain", "budget": pretrain}, {"name": "finetune", "budget": finetune}]}
+    keyed = {"budget": own, "stages": {"finetune": {"budget": finetune}, "pretrain": {"budget": pretrain}}}
+    for result in (listed, keyed):  # a record whose JSON sorted the stage names keeps the pipeline's order
+        b = budget_of(result, "semi_vit")
+        assert b["steps"] == "6000 + 500 + 2000"
+        assert (b["labeled_images"], b["unlabeled_images"], b["forward_images"]) == (80000, 1664000, 716000)
