@@ -263,6 +263,10 @@ def cmd_speed(argv: Sequence[str]) -> int:
                         "with torch.profiler and write the top operators / kernels (default 0: off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: the preset's)")
+    parser.add_argument("--allreduce", action="store_true", help="instead: the time of one gradient all-reduce "
+                        "on --nproc local processes for ViT-S/B/L/H and the preset's model (the inputs of the "
+                        "scaling figures in docs/PERFORMANCE.md)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes for --allreduce (default 2)")
     parser.add_argument("--peak-tflops", type=finite_float, default=None,
                         help="the GPU's dense bf16 peak for MFU (default: the suite's, else 989, H100 SXM)")
     parser.add_argument("--results-dir", default="results", help="tables go to <results-dir>/speed/ "

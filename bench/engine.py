@@ -92,7 +92,7 @@ class Trainer:
         cfg = self.cfg
         self.world = world()
         self.device = dev = pick_device(cfg["device"])
-        self.random = StepRandom(cfg["seed"], dev)  # also seeds the model's initialisation
+        self.random = StepRandom(cfg["seed"], dev, self.world.rank)  # also seeds the model's initialisation
         # The whole dataset lives on the device as uint8; batches are gathered by index.
         self.train_x = torch.from_numpy(self.data.train_x).to(dev)
         self.train_y = torch.from_numpy(self.data.train_y).to(dev)

@@ -10,7 +10,8 @@ share its tensor. That is what keeps a run the same when its batch is split acro
 
 Per-batch scalars (a mixup lambda, the mixup-or-cutmix choice) come from the host generator:
 no device synchronisation. Stochastic depth and dropout inside the encoder use torch's global
-generator, reseeded from (seed, t) as well; their draws follow the tensor they act on.
+generator, reseeded from (seed, t) and the rank; their draws follow the tensor they act on, so
+they are the one draw that depends on the world size.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def derive_seed(seed: int, *parts: object) -> int:
 class StepRandom:
     """The run's random source, reseeded at every step from (seed, step)."""
 
-    def __init__(self, seed: int, device: torch.device | str = "cpu"):
-        self.seed = int(seed)
+    def __init__(self, seed: int, device: torch.device | str = "cpu", rank: int = 0):
+        self.seed, self.rank = int(seed), int(rank)
         self.device = torch.device(device)
         self.generator = torch.Generator(self.device).manual_seed(derive_seed(self.seed, "device", "init"))
         self.host = np.random.default_rng(derive_seed(self.seed, "host", "init"))
@@ -43,7 +44,8 @@ class StepRandom:
         """Reseed every generator for optimizer step `step` (0-based)."""
         self.generator.manual_seed(derive_seed(self.seed, "device", step))
         self.host = np.random.default_rng(derive_seed(self.seed, "host", step))
-        torch.manual_seed(derive_seed(self.seed, "model", step))
+        # stochastic depth and dropout act on this rank's images: their stream is the rank's own
+        torch.manual_seed(derive_seed(self.seed, "model", step, *((self.rank,) if self.rank else ())))
 
     def on(self, images: Images | Tensor) -> "Draws":
         """Per-image draws for `images` (a bare tensor counts as rows 0..n-1 of its own step)."""

@@ -198,7 +198,33 @@ def device_name(dev: torch.device) -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+ALLREDUCE_MODELS = {"ViT-S/16": ("vit_small_patch16_224", {}), "ViT-B/16": ("vit_base_patch16_224", {}),
+                    "ViT-L/16": ("vit_large_patch16_224", {}), "ViT-H/14": ("vit_huge_patch14_224", {})}
+
+
+def allreduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """One gradient all-reduce per step: its size for each model and its measured time here."""
+    from bench.distributed import bandwidth
+    if args.nproc < 2:
+        raise UsageError("--allreduce needs --nproc >= 2 processes")
+    models = dict(ALLREDUCE_MODELS)
+    preset = args.preset or "cpu"
+    cfg = resolve(get_method("supervised"), preset=preset, cli=overrides)
+    sizes = {k: cfg[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size") if cfg.get(k)}
+    models[f"preset {preset}"] = (cfg["encoder"], {"img_size": cfg["img_size"], "num_classes": 10, **sizes})
+    elements = {name: bandwidth.gradient_elements(enc, **kw) for name, (enc, kw) in models.items()}
+    rows = bandwidth.measure(list(elements.values()), world=args.nproc, repeats=args.steps)
+    table = pd.DataFrame([{"model": name, "params_m": n / 1e6, **row} for (name, n), row in zip(elements.items(), rows)])
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    stem = Path(args.results_dir) / "speed" / f"allreduce-{rows[0]['backend']}-{args.nproc}"
+    atomic_write_text(stem.with_suffix(".csv"), table.to_csv(index=False))
+    print(f"written to {stem}.csv")
+    return 0
+
+
 def speed(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    if args.allreduce:
+        return allreduce(args, overrides)
     if args.steps < 1 or args.warmup < 0 or args.profile < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
         raise UsageError("--steps must be >= 1, --warmup >= 0, --profile >= 0 and --peak-tflops > 0")
     if args.suite:

@@ -192,12 +192,12 @@ def test_semi_vit_keeps_a_mixed_image_when_either_partner_is_confident(tiny_data
 def test_prob_pseudo_mixup_weight_and_cutmix_area():
     conf = torch.tensor([0.9, 0.3, 0.6, 0.6])
     perm = torch.tensor([1, 0, 3, 2])
-    lam = prob_pseudo_mix_lambda(conf, perm)
+    lam = prob_pseudo_mix_lambda(conf, conf[perm])
     assert torch.allclose(lam, torch.tensor([0.75, 0.25, 0.5, 0.5]))
     x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
     t = one_hot_smooth(torch.tensor([0, 1, 2, 3]), 4, 0.1)
     from bench.randomness import StepRandom
-    xm, tm, lam_c = mix(x, t, lam, perm, torch.tensor([True, True, True, True]), StepRandom(0).on(x))
+    xm, tm, lam_c = mix(x, t, lam, x[perm], t[perm], torch.tensor([True, True, True, True]), StepRandom(0).on(x))
     for i in range(4):
         own = (xm[i] == float(i)).float().mean()        # share of the image that stayed its own
         assert torch.isclose(own, lam_c[i])             # area-corrected lambda

@@ -24,7 +24,7 @@ def test_mixup_is_a_convex_combination():
     x, y = constant_images(4), one_hot_smooth(torch.arange(4), 4)
     perm = torch.tensor([3, 2, 1, 0])
     lam = torch.tensor([0.7, 0.2, 1.0, 0.5])
-    xm, tm, lam_eff = mix(x, y, lam, perm, torch.zeros(4, dtype=torch.bool), draws(4))
+    xm, tm, lam_eff = mix(x, y, lam, x[perm], y[perm], torch.zeros(4, dtype=torch.bool), draws(4))
     assert torch.equal(lam_eff, lam)
     for i in range(4):
         assert torch.allclose(xm[i], lam[i] * x[i] + (1 - lam[i]) * x[perm[i]])
@@ -37,7 +37,7 @@ def test_cutmix_lambda_is_corrected_to_the_clipped_box_area():
     g = torch.Generator().manual_seed(0)
     lam = torch.rand(n, generator=g)
     perm = torch.roll(torch.arange(n), 1)
-    xm, tm, lam_eff = mix(x, y, lam, perm, torch.ones(n, dtype=torch.bool), draws(n))
+    xm, tm, lam_eff = mix(x, y, lam, x[perm], y[perm], torch.ones(n, dtype=torch.bool), draws(n))
     own = (xm == x).all(dim=1).flatten(1).float().mean(1)
     assert torch.allclose(own, lam_eff)
     assert (lam_eff >= lam - 0.1).all()   # clipping only shrinks the box (up to pixel rounding)
@@ -63,6 +63,15 @@ def test_mix_params_are_seeded_and_respect_the_mode():
 def test_prob_pseudo_mix_lambda_pairs_sum_to_one():
     conf = torch.tensor([0.9, 0.3, 0.5, 0.7])
     perm = torch.tensor([1, 0, 3, 2])
-    lam = prob_pseudo_mix_lambda(conf, perm)
+    lam = prob_pseudo_mix_lambda(conf, conf[perm])
     assert torch.allclose(lam + lam[perm], torch.ones(4))
     assert torch.allclose(lam[0], torch.tensor(0.75))
+
+
+def test_partners_come_from_the_whole_set_by_position():
+    from bench.batch import Images
+    from bench.mixing import partners_of
+    values = torch.arange(10.0) * 10
+    perm = torch.tensor([3, 0, 1, 2, 9, 8, 7, 6, 5, 4])
+    images = Images(torch.zeros(10, 1), torch.arange(10) + 32, 10, 42, start=32)  # unlabeled rows 32..41
+    assert torch.equal(partners_of(values, perm, images), values[perm])

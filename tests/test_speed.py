@@ -78,3 +78,13 @@ def test_suite_and_preset_are_exclusive(tmp_path, capsys, monkeypatch):
     code, lines, err = run_cli(["speed", "--suite", "targets", "--preset", "fast", "--results-dir", str(tmp_path / "r")],
                                tmp_path, capsys, monkeypatch)
     assert_rejected(code, lines, err, "drop --methods / --preset", tmp_path / "r")
+
+
+def test_allreduce_speed_measures_the_gradient_sync_on_two_processes():
+    from bench.distributed.bandwidth import gradient_elements, measure
+    assert 86e6 < gradient_elements("vit_base_patch16_224") < 87e6        # ViT-B/16: 86.6 M parameters
+    rows = measure([1_000, 250_000], world=2, repeats=3)
+    assert [r["elements"] for r in rows] == [1_000, 250_000] and {r["backend"] for r in rows} == {"gloo"}
+    for r in rows:
+        assert r["ms"] > 0 and r["mbytes"] == 4 * r["elements"] / 1e6
+        assert r["bus_gb_s"] == pytest.approx(r["alg_gb_s"])              # 2 (K - 1) / K = 1 at K = 2
