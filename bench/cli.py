@@ -151,16 +151,23 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as a layer; `--set METHOD.KEY=VALUE` sets KEY for that method only
+    (as a preset's `methods:` section does), e.g. --set semi_vit.finetune_steps=100."""
     import yaml
-    out = {}
+    out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set steps=200")
         try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            out[key.strip().replace("-", "_")] = value
+            parsed = value
+        method, dot, name = key.strip().replace("-", "_").rpartition(".")
+        if dot:
+            out.setdefault("methods", {}).setdefault(method, {})[name] = parsed
+        else:
+            out[name] = parsed
     return out
 
 
@@ -212,6 +219,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                         "<results-dir>/reports/<study>/<dataset>-<preset>/")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="only these of the study's methods (a sub-grid; its cells are the study's own)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                        help="only these of the study's variants (a sub-grid, as --methods)")
     parser.add_argument("--values", action="append", default=[], metavar="AXIS=V1,V2",
                         help="only these values of an axis, e.g. --values label_fraction=0.01,0.1; a value the "
                         "study does not list becomes a new cell of that axis (repeatable)")

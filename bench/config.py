@@ -15,7 +15,7 @@ import yaml
 from bench.errors import UsageError
 from bench.options import Option, non_negative, positive, unit_closed, unit_open, unit_open_closed
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -31,6 +31,12 @@ CORE_OPTIONS: dict[str, Option] = {
                  "CIFAR is downloaded, synthetic generated", "data"),
     "cache_dir": _opt(None, "cache for downloads, decoded arrays and split manifests; unset: "
                       "$SSVIT_CACHE, else ~/.cache/ssvit-bench", "data"),
+    "image_side": _opt(None, "cache every image at this side (shorter side resized, centre crop) in an on-disk "
+                       "cache a store can stream; unset: imagenet 256, others their own size", "data",
+                       type=int, **positive()),
+    "store": _opt("auto", "where the images live: resident (on the device), streamed (read from the on-disk "
+                  "cache a step ahead) or auto (resident if it fits a quarter of free memory)", "data",
+                  choices=("auto", "resident", "streamed")),
     "synthetic_classes": _opt(10, "synthetic: number of classes", "data", **positive()),
     "synthetic_size": _opt(32, "synthetic: image side in pixels", "data", **positive()),
     "synthetic_train_per_class": _opt(100, "synthetic: training images per class", "data", **positive()),
@@ -43,10 +49,20 @@ CORE_OPTIONS: dict[str, Option] = {
                          "split", **unit_open()),
     "unlabeled_pool": _opt("all", "unlabeled pool: all training images but validation, or only "
                            "the non-labeled ones", "split", choices=("all", "rest")),
+    "split_file": _opt(None, "the labeled images as a standard subset file: SimCLR's 1percent.txt format (file "
+                       "names) or Semi-ViT's index CSV (positions in ImageFolder order); overrides the label "
+                       "budget", "split"),
+    "split_format": _opt("auto", "format of --split-file (auto: detected from its first line)", "split",
+                         choices=("auto", "simclr", "semivit")),
+    "val_from": _opt("labeled", "where validation comes from: carved out of the labeled budget, or a held-out "
+                     "slice of the other training images whose labels are read for validation only", "split",
+                     choices=("labeled", "unlabeled")),
     "seed": _opt(0, "seed of the split, the initialisation and every augmentation", "split",
                  **non_negative()),
     # model
     "encoder": _opt("vit_small_patch16_224", "timm ViT name", "model"),
+    "init_from": _opt(None, "start the encoder from this weight file (MAE's official .pth or a timm ViT weight "
+                      "file, local); a method that pretrains with MAE then skips that stage", "model"),
     "img_size": _opt(32, "model input resolution (images are resized on the device)", "model",
                      **positive()),
     "patch_size": _opt(4, "patch size", "model", **positive()),
@@ -94,6 +110,15 @@ CORE_OPTIONS: dict[str, Option] = {
                         check=lambda v: 0 <= v <= 10, check_msg="in [0, 10]"),
     "cutout_frac": _opt(0.5, "strong view: cutout square side as a fraction of the image", "views",
                         **unit_closed()),
+    "crop": _opt("translate", "crop of the weak, strong and labeled views: translate (reflect-pad + crop, "
+                 "CIFAR's) or rrc (random resized crop, ImageNet's)", "views", choices=("translate", "rrc")),
+    "crop_scale_min": _opt(0.08, "rrc: smallest area share of a crop", "views", **unit_open_closed()),
+    "jitter": _opt(0.0, "weak view: colour jitter (brightness, contrast, saturation in [1-j, 1+j]; Semi-ViT 0.4)",
+                   "views", **unit_closed()),
+    "erase_prob": _opt(0.0, "strong view: random-erasing probability (Semi-ViT, MAE fine-tuning 0.25)", "views",
+                       **unit_closed()),
+    "eval_crop": _opt(1.0, "evaluation: centre-crop share after resizing (0.875: resize 256, crop 224; 1: resize "
+                      "the whole image)", "views", **unit_open_closed()),
     "mixup_alpha": _opt(0.0, "mixup alpha on labeled batches (0 = off)", "views", **non_negative()),
     "cutmix_alpha": _opt(0.0, "cutmix alpha on labeled batches (0 = off)", "views", **non_negative()),
     # run mechanics
@@ -115,7 +140,8 @@ CORE_OPTIONS: dict[str, Option] = {
 
 # Keys that do not change what a run computes: a resume may differ on these.
 IDENTITY_EXCLUDED = {"results_dir", "mongo", "progress", "device", "cache_dir", "data",
-                     "compile", "eval_batch_size", "dist_timeout", "world_size", "rank_batch"}
+                     "compile", "eval_batch_size", "dist_timeout", "world_size", "rank_batch", "store",
+                     "store_used"}
 
 
 def load_preset(preset: str | None) -> tuple[str | None, dict[str, Any]]:
@@ -175,7 +201,7 @@ def resolve(method_cls, preset: str | None = None, study: dict | None = None,
     where = {k: (f"{method_cls.name}'s recipe" if k in method_cls.recipe else "default") for k in cfg}
     layers = [(f"preset {preset_name}", method_layer(preset_map, method_cls.name, f"preset {preset_name}")),
               ("study", method_layer(study or {}, method_cls.name, "study")),
-              ("command line", cli or {})]
+              ("command line", method_layer(cli or {}, method_cls.name, "command line"))]
     for source, layer in layers:
         for key, value in layer.items():
             if key not in options:
@@ -221,6 +247,9 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["dataset"] == "synthetic" and cfg["data"]:
         raise UsageError(f"--data {cfg['data']} is ignored by --dataset synthetic; pick --dataset cifar10, "
                          f"cifar100 or imagefolder, or drop --data")
+    if cfg["dataset"] == "imagenet" and not cfg["data"]:
+        raise UsageError("--dataset imagenet needs --data PATH to the ILSVRC-2012 folder (train/<wnid>/*.JPEG, "
+                         "val/<wnid>/*.JPEG); nothing is downloaded")
     if cfg["dataset"] == "imagefolder" and not cfg["data"]:
         raise UsageError("--dataset imagefolder needs --data PATH (a train/<class>, test/<class> "
                          "folder or a .tar/.tar.gz of one)")

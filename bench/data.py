@@ -24,7 +24,7 @@ from tqdm import tqdm
 from bench.errors import UsageError
 from bench.io import atomic_write, ensure_writable_dir
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MIRROR = os.environ.get("SSVIT_MIRROR", "https://www.cs.toronto.edu/~kriz/")
 
@@ -60,6 +60,7 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
     source_hash: str      # content hash of the source: keys caches, splits and stage reuse
+    train_files: list[str] | None = None  # training images' names in ImageFolder order (split files)
 
     @property
     def num_classes(self) -> int:
@@ -82,13 +83,25 @@ def prepare_cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,
-                 synthetic: dict[str, int] | None = None, progress: bool = True) -> Dataset:
-    """Load dataset `name` from `data` (a path; None = download CIFAR / generate synthetic)."""
+                 synthetic: dict[str, int] | None = None, progress: bool = True,
+                 image_side: int | None = None) -> Dataset:
+    """Load dataset `name` from `data` (a path; None = download CIFAR / generate synthetic).
+    ImageNet, and an image folder given `image_side`, are cached on disk at a fixed side and
+    come back memory-mapped (`bench.imagenet`)."""
     cache_dir = Path(cache_dir)
     if name not in DATASETS:
         raise UsageError(f"unknown dataset '{name}'; use one of {', '.join(DATASETS)}")
     if name == "synthetic":
         return make_synthetic(**(synthetic or {}))
+    if name == "imagenet" or (name == "imagefolder" and image_side):
+        from bench.imagenet import DEFAULT_SIDE, load_tree
+        if data is None:
+            raise UsageError(f"--dataset {name} needs --data PATH to the folder holding train/ and "
+                             f"{'val/' if name == 'imagenet' else 'test/'}; nothing is downloaded")
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise UsageError(f"--data {data}: no such file or directory; give the path to the dataset")
+        return load_tree(path, name, cache_dir, image_side or DEFAULT_SIDE, progress)
     if data is None:
         if name == "imagefolder":
             raise UsageError("--dataset imagefolder needs --data PATH to a folder (or .tar/.tar.gz) "
@@ -114,6 +127,13 @@ def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,
         arrays = _decode_image_folder(path, name, fixed, 100 if name == "cifar100" else None, progress)
     _write_cache(cached, arrays)
     return Dataset(name=name, source_hash=source_hash, **arrays)
+
+
+def load_for(cfg: dict[str, Any], cache_dir: str | Path, progress: bool = True) -> Dataset:
+    """The dataset of a resolved run config."""
+    from bench.config import synthetic_params
+    return load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg), progress=progress,
+                        image_side=cfg.get("image_side"))
 
 
 # -- downloads -------------------------------------------------------------------------------

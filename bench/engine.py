@@ -41,6 +41,7 @@ from bench.sampler import IndexStream
 from bench.schedule import Clock, Event, Schedule
 from bench.splits import Split
 from bench.stages import digest, transfer
+from bench.store import open_store
 from bench.views import Views
 
 LogFn = Callable[[str, float, int], None]
@@ -93,11 +94,13 @@ class Trainer:
         self.world = world()
         self.device = dev = pick_device(cfg["device"])
         self.random = StepRandom(cfg["seed"], dev, self.world.rank)  # also seeds the model's initialisation
-        # The whole dataset lives on the device as uint8; batches are gathered by index.
-        self.train_x = torch.from_numpy(self.data.train_x).to(dev)
+        # Images come from a store (on the device, or streamed from disk a step ahead); labels are small.
+        kind = cfg.get("store_used") or cfg["store"]
+        self.train_store = open_store(self.data.train_x, dev, kind)
+        self.test_store = open_store(self.data.test_x, dev, kind)
         self.train_y = torch.from_numpy(self.data.train_y).to(dev)
-        self.test_x = torch.from_numpy(self.data.test_x).to(dev)
         self.test_y = torch.from_numpy(self.data.test_y).to(dev)
+        self.test_idx = torch.arange(len(self.test_y), device=dev)
         idx = {k: torch.from_numpy(getattr(self.split, k)).to(dev) for k in ("labeled", "val", "unlabeled")}
         self.use_bf16 = cfg["amp"] == "bf16" or (cfg["amp"] == "auto" and dev.type == "cuda")
         self.model = build_model(cfg, self.data.num_classes, with_decoder=self.method_cls.uses_decoder).to(dev)
@@ -105,12 +108,14 @@ class Trainer:
         self.forwards = ForwardCounter(self.model, self.ema.model)
         self.views = Views(cfg["img_size"], self.random, pad_frac=cfg["pad_frac"],
                            randaug_ops=cfg["randaug_ops"], randaug_mag=cfg["randaug_mag"],
-                           randaug_prob=cfg["randaug_prob"], cutout_frac=cfg["cutout_frac"])
+                           randaug_prob=cfg["randaug_prob"], cutout_frac=cfg["cutout_frac"], crop=cfg["crop"],
+                           crop_scale_min=cfg["crop_scale_min"], jitter=cfg["jitter"],
+                           erase_prob=cfg["erase_prob"], eval_crop=cfg["eval_crop"])
         # Methods see the labels of the labeled and validation splits only.
         visible = torch.full_like(self.train_y, -1)
         known = torch.cat([idx["labeled"], idx["val"]])
         visible[known] = self.train_y[known]
-        train_data = TrainData(self.train_x, visible, idx["labeled"], idx["val"], idx["unlabeled"])
+        train_data = TrainData(self.train_store, visible, idx["labeled"], idx["val"], idx["unlabeled"])
         self.method = self.method_cls(cfg, self.model, self.ema, self.views, self.data.num_classes, train_data,
                                       autocast=self.autocast)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -205,17 +210,31 @@ class Trainer:
         dev, ranks, rank = self.device, self.world.size, self.world.rank
         if self.n_labeled:
             n = self.n_labeled // ranks
-            idx_l = torch.from_numpy(self.labeled.at(self.step)[rank * n:(rank + 1) * n]).to(dev)
+            host = self.labeled.at(self.step)[rank * n:(rank + 1) * n]
+            idx_l = torch.from_numpy(host).to(dev)
             rows = rank * n + torch.arange(n, device=dev)
-            batch.l = Images(self.train_x[idx_l], rows, self.n_labeled, universe)
+            batch.l = Images(self.train_store.gather(host), rows, self.n_labeled, universe)
             batch.y_l = self.train_y[idx_l]
         if self.n_unlabeled:
             n = self.n_unlabeled // ranks
-            idx_u = torch.from_numpy(self.unlabeled.at(self.step)[rank * n:(rank + 1) * n]).to(dev)
+            host = self.unlabeled.at(self.step)[rank * n:(rank + 1) * n]
+            idx_u = torch.from_numpy(host).to(dev)
             rows = self.n_labeled + rank * n + torch.arange(n, device=dev)
-            batch.u = Images(self.train_x[idx_u], rows, self.n_unlabeled, universe, start=self.n_labeled)
+            batch.u = Images(self.train_store.gather(host), rows, self.n_unlabeled, universe, start=self.n_labeled)
             batch.idx_u, y_u = idx_u, self.train_y[idx_u]
+        self.prefetch(self.step + 1)
         return batch, y_u
+
+    def prefetch(self, step: int) -> None:
+        """The store reads step `step`'s images while this step trains (the streams know them)."""
+        if step >= self.cfg["steps"]:
+            return
+        ranks, rank, parts = self.world.size, self.world.rank, []
+        for stream, total in ((self.labeled, self.n_labeled), (self.unlabeled, self.n_unlabeled)):
+            if total:
+                n = total // ranks
+                parts.append(stream.at(step)[rank * n:(rank + 1) * n])
+        self.train_store.prefetch(*parts)
 
     def train_step(self) -> None:
         self.model.train()
@@ -283,7 +302,7 @@ class Trainer:
     def _validation(self) -> dict:
         """Evaluation of the raw and EMA models on the validation split (sharded over ranks)."""
         val_idx = self.method.data.val
-        return {tag: evaluate(model, self.train_x[val_idx], self.train_y[val_idx], self.views.eval,
+        return {tag: evaluate(model, self.train_store, val_idx, self.train_y[val_idx], self.views.eval,
                               self.cfg["eval_batch_size"], self.autocast)
                 for tag, model in (("raw", self.model), ("ema", self.ema.model))}
 
@@ -300,8 +319,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self._check_finite()
         val = self._validation()
-        test = {tag: evaluate(model, self.test_x, self.test_y, self.views.eval, self.cfg["eval_batch_size"],
-                              self.autocast)
+        test = {tag: evaluate(model, self.test_store, self.test_idx, self.test_y, self.views.eval,
+                              self.cfg["eval_batch_size"], self.autocast)
                 for tag, model in (("raw", self.model), ("ema", self.ema.model))}
         self._method_reads(val)  # the method sees validation only
         metrics = {"val_acc": val["raw"].acc, "val_acc_ema": val["ema"].acc,

@@ -35,25 +35,30 @@ class Evaluation:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x_u8: Tensor, to_input: Callable[[Tensor], Tensor], batch_size: int,
+def predict(model: nn.Module, images, idx: Tensor, to_input: Callable[[Tensor], Tensor], batch_size: int,
             autocast) -> Tensor:
-    """Softmax probabilities of `model` (eval mode) on uint8 images, in batches."""
+    """Softmax probabilities of `model` (eval mode) on images `idx` of `images` (a store, or a
+    uint8 tensor), in batches; a store reads the next batch while this one is predicted."""
     was_training = model.training
     model.eval()
+    chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
     out = []
-    for i in range(0, len(x_u8), batch_size):
+    for i, chunk in enumerate(chunks):
+        if hasattr(images, "prefetch") and i + 1 < len(chunks):
+            images.prefetch(chunks[i + 1].cpu().numpy())
+        x = images[chunk] if isinstance(images, Tensor) else images.gather(chunk)
         with autocast():
-            logits = model(to_input(x_u8[i:i + batch_size]))
+            logits = model(to_input(x))
         out.append(logits.float().softmax(dim=1))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 
-def evaluate(model: nn.Module, x_u8: Tensor, y: Tensor, to_input, batch_size: int, autocast) -> Evaluation:
-    """Every image counted once: each rank predicts its contiguous share (no padding), and the
-    correct counts are summed over ranks."""
-    part = shard(len(y))
-    probs = predict(model, x_u8[part], to_input, batch_size, autocast)
+def evaluate(model: nn.Module, images, idx: Tensor, y: Tensor, to_input, batch_size: int, autocast) -> Evaluation:
+    """Accuracy on images `idx` (true labels `y`, one per index). Every image counted once: each
+    rank predicts its contiguous share (no padding), and the correct counts are summed."""
+    part = shard(len(idx))
+    probs = predict(model, images, idx[part], to_input, batch_size, autocast)
     mine = (probs.argmax(1) == y[part]).sum() if len(probs) else torch.zeros((), dtype=torch.long)
     correct = int(all_sum(mine.reshape(1).cpu())[0])
     acc = 100.0 * correct / len(y) if len(y) else 0.0

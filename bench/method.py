@@ -54,7 +54,7 @@ class TrainData:
     """What a method may see of the data: training images and the labels of its labeled and
     validation splits. The unlabeled pool's labels read -1 (the engine alone holds them, to
     measure pseudo-label precision) and the test set is not here at all."""
-    x: Tensor                   # (N, H, W, 3) uint8, on the device
+    x: Any                      # the training images' store: x.gather(idx) -> (n, H, W, 3) uint8 on the device
     y: Tensor                   # (N,) labels of the labeled and validation images, -1 elsewhere
     labeled: Tensor             # labeled-train indices
     val: Tensor                 # validation indices
@@ -161,7 +161,7 @@ class Method:
 
     def evaluate_indices(self, idx: Tensor) -> Evaluation:
         """Evaluate the online model on training images `idx` of the labeled or validation split."""
-        return evaluate(self.model, self.data.x[idx], self.data.y[idx], self.views.eval,
+        return evaluate(self.model, self.data.x, idx, self.data.y[idx], self.views.eval,
                         self.cfg["eval_batch_size"], self.autocast)
 
     def supervised_loss(self, images: Images, y_l: Tensor) -> Tensor:

@@ -116,9 +116,10 @@ def reference_rows(spec: StudySpec, dataset: str) -> pd.DataFrame:
     axis = next(iter(spec.axes), None)
     rows = []
     for method, values in ref.items():
-        for x, v in (values or {}).items():
-            rows.append({"method": f"{method} (paper)", **({axis: x} if axis else {}), "variant": None,
-                         "mean": float(v), "std": math.nan, "n": 0, "cells": 0})
+        for x, v in (values or {}).items():  # keyed by the first axis' values, or by variant names
+            rows.append({"method": f"{method} (paper)", **({axis: x} if axis else {}),
+                         "variant": None if axis else str(x), "mean": float(v), "std": math.nan, "n": 0, "cells": 0,
+                         f"{spec.metric}_mean": float(v), f"{spec.metric}_std": math.nan})
     return pd.DataFrame(rows)
 
 
@@ -146,8 +147,10 @@ def pivot(summary: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
             if f"{col}_mean" not in s or not (s[f"{col}_mean"].fillna(0) != 0).any():
                 continue  # e.g. no method in the study admits pseudo-labels or has earlier stages
             scale = 100.0 if col in PERCENT else 1.0
-            table[title] = [fmt(scale * m, scale * sd, n if not math.isnan(m) else 0)
-                            for m, sd, n in zip(s[f"{col}_mean"], s[f"{col}_std"], s["n"])]
+            # a paper's row holds the study's metric only; it shows there, plain
+            table[title] = [fmt(m, sd, 0, True) if "(paper)" in lab and col == spec.metric and not math.isnan(m)
+                            else fmt(scale * m, scale * sd, n if not math.isnan(m) else 0)
+                            for m, sd, n, lab in zip(s[f"{col}_mean"], s[f"{col}_std"], s["n"], s["label"])]
         return table
     table = s.pivot_table(index="label", columns=axes[0], values="value", aggfunc="first", sort=False)
     table = table.reindex(columns=sorted(table.columns, key=float))

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from bench import checkpoint
-from bench.config import identity, synthetic_params
-from bench.data import load_dataset, prepare_cache_dir
+from bench.config import identity
+from bench.data import load_for, prepare_cache_dir
 from bench.distributed import broadcast, world
 from bench.distributed.faults import recording_failure
 from bench.engine import Trainer, pick_device
@@ -24,8 +24,10 @@ from bench.errors import Interrupted, PeerLost, RunStopped, UsageError
 from bench.io import atomic_write_text
 from bench.method import get_method
 from bench.model import build_model
+from bench.pretrained import load_into
+from bench.split_files import read_split_file
 from bench.splits import split_for
-from bench.stages import run_stage, save_final, stage_config, stage_key, stage_result
+from bench.stages import run_stage, save_final, skipped, stage_config, stage_key, stage_result
 from bench.tracking import RunHandle, mongo_observer, prepare_runs_dir, runs_dir, tracked_run
 
 
@@ -43,11 +45,17 @@ def check_feasible(cfg: dict[str, Any], data, cache_dir: Path):
     """The run's split, once the method and each of its earlier stages have confirmed that the
     config lets them work (e.g. that a pseudo-label can be admitted at all, that a stage has
     steps to run); UsageError otherwise."""
-    split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir)
+    labeled_from, info = None, None
+    if cfg.get("split_file"):
+        labeled_from, info = read_split_file(cfg["split_file"], data.train_files, data.train_y, data.classes,
+                                             cfg["split_format"])
+    split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir, labeled_from, info)
     method_cls = get_method(cfg["method"])
     method_cls.check(cfg, data.num_classes, split)
     for stage in method_cls.stages:  # a stage's options are checked as the stage reads them
         stage_cls = get_method(stage.method)
+        if skipped(cfg, stage, stage_cls):
+            continue  # a pretraining stage that does not run
         stage_cls.check(stage_config(cfg, stage, stage_cls), data.num_classes, split)
     return split
 
@@ -79,11 +87,24 @@ def check_world(cfg: dict[str, Any], world_size: int) -> None:
     counts = step_counts(cfg, method_cls, "")
     for stage in method_cls.stages:
         stage_cls = get_method(stage.method)
-        counts += step_counts(stage_config(cfg, stage, stage_cls), stage_cls, stage.prefix)
+        if not skipped(cfg, stage, stage_cls):
+            counts += step_counts(stage_config(cfg, stage, stage_cls), stage_cls, stage.prefix)
     for name, n in counts:
         if n % world_size:
             raise UsageError(f"{name} gives {n} images per step, which {world_size} ranks cannot share equally "
                              f"(the batch is global); make it a multiple of {world_size}")
+
+
+def check_store(cfg: dict[str, Any], data) -> str:
+    """The store the run's images will live in (recorded with the run); a streamed store needs
+    the on-disk cache that ImageNet and `--image-side` build."""
+    import numpy as np
+    from bench.store import choose
+    kind = choose(cfg["store"], data.train_x.nbytes + data.test_x.nbytes, pick_device(cfg["device"]))
+    if kind == "streamed" and not isinstance(data.train_x, np.memmap):
+        raise UsageError(f"--store streamed: {cfg['dataset']} is decoded in memory, not cached on disk; give "
+                         f"--image-side to build an on-disk cache, or use --store resident")
+    return kind
 
 
 def step_counts(cfg: dict[str, Any], method_cls, prefix: str) -> list[tuple[str, int]]:
@@ -125,6 +146,16 @@ class Prepared:
     split: Any
     resume_at: tuple[str, int] | None
     observers: list
+    init: tuple[dict, dict] | None = None  # --init-from: (weights, what was loaded)
+
+
+def initial_weights(cfg: dict[str, Any], num_classes: int) -> tuple[dict, dict]:
+    """`--init-from`'s encoder in a model of the run's architecture (strict: every encoder tensor
+    from the file), as stage weights; and what was loaded, for the run record."""
+    model = build_model(cfg, num_classes, with_decoder=True)
+    info = load_into(cfg["init_from"], model)
+    state = model.state_dict()
+    return {"model": state, "ema": state}, info
 
 
 def prepare(cfg: dict[str, Any], resume: str | None, world_size: int) -> Prepared:
@@ -142,16 +173,22 @@ def prepare(cfg: dict[str, Any], resume: str | None, world_size: int) -> Prepare
         cfg = {**cfg, "results_dir": str(run_dir.parent.parent)}
     observers = [mongo_observer(cfg["mongo"])] if cfg["mongo"] and world().is_main else []
     cache_dir = prepare_cache_dir(cfg["cache_dir"])
-    data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg),
-                        progress=cfg["progress"] and world().is_main)
+    data = load_for(cfg, cache_dir, progress=cfg["progress"] and world().is_main)
     split = check_feasible(cfg, data, cache_dir)
+    if split.key.get("split_file") and world().is_main:
+        f = split.key["split_file"]
+        print(f"split file {f['file']} ({f['format']}): {f['images']} labeled images, {f['per_class_min']}-"
+              f"{f['per_class_max']} per class in {f['classes_with_labels']} classes; validation from the "
+              f"{cfg['val_from']} images", flush=True)
+    cfg = {**cfg, "store_used": check_store(cfg, data)}
     with torch.device("meta"):  # a model the options cannot build is rejected before any write
         build_model(cfg, data.num_classes, with_decoder=method_cls.uses_decoder)
+    init = initial_weights(cfg, data.num_classes) if cfg.get("init_from") else None
     if world_size > 1:  # what each rank computes of the global batch, recorded with the run
         cfg = {**cfg, "world_size": world_size,
                "rank_batch": {"labeled": (cfg["batch_size"] if method_cls.uses_labeled else 0) // world_size,
                               "unlabeled": method_cls.unlabeled_batch_size(cfg) // world_size}}
-    return Prepared(cfg, method_cls, data, split, resume_at, observers)
+    return Prepared(cfg, method_cls, data, split, resume_at, observers, init)
 
 
 def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_validation=None,
@@ -180,7 +217,9 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 atomic_write_text(os.environ["SSVIT_RUN_ID_FILE"], run.id)
             if w.is_main:
                 atomic_write_text(run.dir / "split.json", split.to_json())
-            weights, keep_head, stages = train_stages(cfg, method_cls, data, split, run)
+            if p.init is not None:
+                run.set_info("init_from", p.init[1])
+            weights, keep_head, stages = train_stages(cfg, method_cls, data, split, run, p.init)
             start = time.perf_counter()
             trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
                               on_validation=on_validation, warn=run.warn, on_progress=progress_writer(""))
@@ -262,15 +301,22 @@ def kept(run_dir: Path, run_id: str) -> str:
     return f"its checkpoint at step {step} is kept; continue with `--resume {run_id}`"
 
 
-def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle):
+def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle, init: tuple[dict, dict] | None = None):
     """Train (or reuse from the stage cache) the method's earlier stages, in order; returns the
     last stage's weights, whether its classifier head carries over, and per stage its cache key,
     whether it was reused, the minutes it took to train (by this run or an earlier one) and its
     budget (steps, images drawn, forward-pass images)."""
     weights, keep_head, previous = None, False, None
+    if init is not None:  # published weights stand in for MAE pretraining
+        weights, previous = init[0], f"init:{init[1]['sha256']}"
     stages_info: dict[str, dict] = {}
     for stage in method_cls.stages:
         stage_cls = get_method(stage.method)
+        skip = skipped(cfg, stage, stage_cls)
+        if skip:  # published weights, or none, stand in for MAE pretraining
+            stages_info[stage.name] = {"skipped": skip, "reused": True, "minutes": 0.0, "budget": {}}
+            run.set_info("stages", stages_info)
+            continue
         scfg = stage_config(cfg, stage, stage_cls)
         key = stage_key(scfg, stage_cls, previous, data.source_hash, split.hash)
         stage_dir = Path(cfg["results_dir"]) / "stages" / key

@@ -59,20 +59,43 @@ def budget_per_class(counts: np.ndarray, label_fraction: float, labels_per_class
 
 def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
                labels_per_class: int | None = None, val_fraction: float = 0.1,
-               unlabeled_pool: str = "all", seed: int = 0, source_hash: str = "") -> Split:
-    """Draw a class-balanced split of training labels `y` (deterministic in its arguments)."""
+               unlabeled_pool: str = "all", seed: int = 0, source_hash: str = "",
+               labeled_from: np.ndarray | None = None, split_file: dict | None = None,
+               val_from: str = "labeled") -> Split:
+    """Draw a class-balanced split of training labels `y` (deterministic in its arguments).
+
+    The labeled budget is a share of each class, or the images a split file names
+    (`labeled_from`). Validation is carved out of that budget (`val_from="labeled"`, the default:
+    the run trains on fewer labels than the budget) or drawn from the other training images of
+    each class (`"unlabeled"`: their labels are read for validation only, and they leave the
+    unlabeled pool), val_fraction of the class's labeled count, at least one."""
     counts = np.bincount(y, minlength=num_classes)
-    budget = budget_per_class(counts, label_fraction, labels_per_class)
-    if (budget < 2).any():
-        raise UsageError(f"the labeled budget leaves {int(budget.min())} image(s) in a class; validation "
-                         f"needs 1 and training 1: raise --label-fraction or --labels-per-class")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5117]))
     labeled, val = [], []
-    for c in range(num_classes):
-        members = rng.permutation(np.flatnonzero(y == c))[: budget[c]]
-        n_val = min(max(1, int(round(budget[c] * val_fraction))), budget[c] - 1)
-        val.append(members[:n_val])
-        labeled.append(members[n_val:])
+    if labeled_from is None:
+        budget = budget_per_class(counts, label_fraction, labels_per_class)
+        chosen = [rng.permutation(np.flatnonzero(y == c))[: budget[c]] for c in range(num_classes)]
+    else:
+        chosen = [rng.permutation(labeled_from[y[labeled_from] == c]) for c in range(num_classes)]
+        budget = np.array([len(m) for m in chosen])
+    if val_from == "labeled" and (budget < 2).any():
+        c = int(np.argmin(budget))
+        raise UsageError(f"the labeled budget leaves {int(budget[c])} image(s) in class {c}; validation carved "
+                         f"out of it needs 1 and training 1: raise --label-fraction or --labels-per-class, or "
+                         f"take validation from the unlabeled images with --val-from unlabeled")
+    for c, members in enumerate(chosen):
+        if val_from == "labeled":
+            n_val = min(max(1, int(round(budget[c] * val_fraction))), budget[c] - 1)
+            val.append(members[:n_val])
+            labeled.append(members[n_val:])
+        else:
+            n_val = max(1, int(round(budget[c] * val_fraction)))
+            rest = rng.permutation(np.setdiff1d(np.flatnonzero(y == c), members))
+            if len(rest) < n_val:
+                raise UsageError(f"class {c} has {len(rest)} unlabeled image(s), fewer than the {n_val} validation "
+                                 f"needs; use --val-from labeled")
+            val.append(rest[:n_val])
+            labeled.append(members)
     labeled_idx = np.sort(np.concatenate(labeled))
     val_idx = np.sort(np.concatenate(val))
     # Validation images never enter the unlabeled pool, so a gate read on them is held out.
@@ -81,15 +104,18 @@ def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
     key = {"source_hash": source_hash, "label_fraction": label_fraction,
            "labels_per_class": labels_per_class, "val_fraction": val_fraction,
            "unlabeled_pool": unlabeled_pool, "seed": seed}
+    if split_file is not None or val_from != "labeled":  # the keys of earlier manifests stay as they were
+        key.update(split_file=split_file, val_from=val_from)
     return Split(labeled_idx.astype(np.int64), val_idx.astype(np.int64), unlabeled_idx.astype(np.int64), key)
 
 
 def split_for(cfg: dict[str, Any], y: np.ndarray, num_classes: int, source_hash: str,
-              cache_dir: Path) -> Split:
+              cache_dir: Path, labeled_from: np.ndarray | None = None, split_file: dict | None = None) -> Split:
     """The split for a run's config: loaded from the manifest cache, or drawn and persisted."""
     split = make_split(y, num_classes, label_fraction=cfg["label_fraction"],
                        labels_per_class=cfg["labels_per_class"], val_fraction=cfg["val_fraction"],
-                       unlabeled_pool=cfg["unlabeled_pool"], seed=cfg["seed"], source_hash=source_hash)
+                       unlabeled_pool=cfg["unlabeled_pool"], seed=cfg["seed"], source_hash=source_hash,
+                       labeled_from=labeled_from, split_file=split_file, val_from=cfg.get("val_from", "labeled"))
     key_hash = hashlib.sha256(json.dumps(split.key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "splits" / f"{key_hash}.json"
     if path.exists():

@@ -31,7 +31,8 @@ from bench.io import atomic_write_text
 # Bumped when what a stage computes from the same config changes (2: images and augmentations
 # drawn from (seed, step)), so older cached stages are not reused.
 STAGE_FORMAT = 2
-SPLIT_KEYS = {"label_fraction", "labels_per_class", "val_fraction", "unlabeled_pool"}
+SPLIT_KEYS = {"label_fraction", "labels_per_class", "val_fraction", "unlabeled_pool", "split_file", "split_format",
+              "val_from"}
 MECHANICS_KEYS = {"eval_every", "ckpt_every", "log_every"}
 
 
@@ -43,6 +44,18 @@ class Stage:
     keep_head: bool = False  # carry the classifier head into the next stage (False after MAE)
     # option groups (bench.config) taken from the run; the others start from the core defaults
     inherits: tuple[str, ...] = ("data", "split", "model", "optim", "views", "run")
+
+
+def skipped(cfg: dict[str, Any], stage: Stage, method_cls) -> str | None:
+    """Why a label-free pretraining stage does not run (published weights or no pretraining
+    stand in for it), or None when it runs."""
+    if method_cls.classifies:
+        return None
+    if cfg.get("init_from"):
+        return f"--init-from {cfg['init_from']}"
+    if cfg.get(f"{stage.prefix}steps") == 0:
+        return f"--{stage.prefix.replace('_', '-')}steps 0: no pretraining"
+    return None
 
 
 def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any]:
@@ -58,6 +71,8 @@ def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any
             name = key[len(stage.prefix):]
             options = {**CORE_OPTIONS, **method_cls.options}
             assert name in options, f"stage option {key} names no option of {method_cls.name}"
+            if value is None:  # unset: the stage keeps the run's value
+                continue
             scfg[name] = options[name].convert(name, value, flag=key)  # errors name the run's flag
     scfg["method"], scfg["preset"] = method_cls.name, cfg.get("preset")
     return scfg
@@ -116,6 +131,7 @@ def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: 
     truncated normal with std 2e-5, zero bias, so the first steps do not disturb the encoder."""
     own = model.state_dict()
     take = {k: v for k, v in state.items() if k.startswith("vit.") and (keep_head or not k.startswith("vit.head"))}
+    take.update({k: v for k, v in state.items() if k.startswith("mae_norm.") and k in own})
     missing = [k for k in own if k.startswith("vit.") and k not in take and not k.startswith("vit.head")]
     if missing:
         raise RuntimeError(f"stage weights lack encoder parameters {missing[:3]}")

@@ -107,7 +107,8 @@ class StudySpec:
             axes[axis] = {**spec, "values": list(values)}
         return replace(self, axes=axes)
 
-    def cut(self, methods: list[str] | None = None, values: dict[str, list] | None = None) -> "StudySpec":
+    def cut(self, methods: list[str] | None = None, values: dict[str, list] | None = None,
+            variants: list[str] | None = None) -> "StudySpec":
         """The same study on a sub-grid: some of its methods, and for some axes other values
         (outside the study's own list too: each becomes a cell of that axis). Cells keep their
         keys, so a later full run reuses the cells a cut ran."""
@@ -122,8 +123,13 @@ class StudySpec:
                 raise UsageError(f"--values {axis}=...: study {self.name} has no axis '{axis}' (its axes: "
                                  f"{known}); use one of those")
             axes[axis]["values"] = list(vals)
+        for v in variants or []:
+            if v not in self.variants:
+                raise UsageError(f"--variants {v}: not a variant of study {self.name} ("
+                                 f"{', '.join(self.variants) or 'it has none'}); pick among those")
+        kept = {k: o for k, o in self.variants.items() if k in variants} if variants else dict(self.variants)
         return replace(self, methods=[m for m in self.methods if m in methods] if methods else list(self.methods),
-                       axes=axes)
+                       axes=axes, variants=kept)
 
     def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
         return resolve(get_method(cell.method), preset=preset,

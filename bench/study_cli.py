@@ -8,8 +8,8 @@ from typing import Any
 
 import optuna
 
-from bench.config import DATASETS, synthetic_params
-from bench.data import load_dataset, prepare_cache_dir
+from bench.config import DATASETS
+from bench.data import load_for, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
 from bench.runner import check_feasible, check_world
 from bench.report import write_report
@@ -30,7 +30,7 @@ def _datasets(spec: StudySpec, dataset: str | None) -> list[str]:
 
 def _spec(args: argparse.Namespace) -> StudySpec:
     """The study of the command line, cut to its --methods and --values."""
-    return load_study(args.study).cut(args.methods, parse_values(args.values))
+    return load_study(args.study).cut(args.methods, parse_values(args.values), args.variants)
 
 
 def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         cfgs = [specs[dataset].config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
         cfg = cfgs[0]
         cache = prepare_cache_dir(cfg["cache_dir"])
-        data = load_dataset(dataset, cfg["data"], cache, synthetic=synthetic_params(cfg), progress=args.progress)
+        data = load_for(cfg, cache, progress=args.progress)
         for cell, cell_cfg in zip(cells, cfgs):  # a cell that cannot work stops the study before it starts
             try:
                 check_world(cell_cfg, args.gpus_per_trial)

@@ -322,8 +322,8 @@ class Sweep:
                 cmd += ["--preset", self.preset]
             if self.data:
                 cmd += ["--data", self.data]
-            for k, v in self.cli.items():
-                cmd += ["--set", f"{k}={v}"]
+            for k, v in self.cli.items():  # JSON is YAML: every value reaches the run as it was typed
+                cmd += ["--set", f"{k}={json.dumps(v)}"]
             if resume:
                 cmd += ["--resume", resume]
             env = dict(os.environ, SSVIT_RUN_ID_FILE=str(id_file), SSVIT_PROGRESS_FILE=str(progress_file),

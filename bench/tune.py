@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 import yaml
 
-from bench.config import all_options, load_preset, method_layer, resolve, synthetic_params
+from bench.config import all_options, load_preset, method_layer, resolve
 from bench.errors import NonFiniteLoss, UsageError
 from bench.io import atomic_write_text
 from bench.method import get_method
@@ -83,11 +83,10 @@ def check_space(method_cls, base: dict[str, Any], space: dict[str, Any], options
                 cli: dict[str, Any]) -> None:
     """Every trial must be able to work: the space's corners (where thresholds, smoothing and
     schedules are at their extremes) are checked like a run, before any trial starts."""
-    from bench.data import load_dataset, prepare_cache_dir
+    from bench.data import load_for, prepare_cache_dir
     from bench.runner import check_feasible
     cache = prepare_cache_dir(base["cache_dir"])
-    data = load_dataset(base["dataset"], base["data"], cache, synthetic=synthetic_params(base),
-                        progress=base["progress"])
+    data = load_for(base, cache, progress=base["progress"])
     check_feasible(base, data, cache)
     for corner in corners(space, options)[:4096]:
         try:

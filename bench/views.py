@@ -13,6 +13,14 @@ Every random number comes from the run's `StepRandom`, drawn per image by its ro
 Geometric ops fill from mirrored borders rather than a constant grey: the whole view stays one
 resampling pass, and mirrored content keeps the image statistics the weak view has.
 - mae:    random resized crop (scale `mae_scale`, ratio 3/4..4/3) + flip, as in MAE pretraining.
+
+For 224-px protocols (ImageNet; Semi-ViT, MAE fine-tuning) the same views take `crop="rrc"`: a
+RandomResizedCrop of area share U[`crop_scale_min`, 1] and aspect 3/4..4/3 instead of the
+translation, `jitter` (brightness, contrast, saturation factors in [1 - j, 1 + j], on the weak
+view: Semi-ViT's 0.4), and `erase_prob` (random erasing of 2-33 % of a strong view, filled with a
+random colour per channel: timm's "rand" mode; Semi-ViT uses 0.25 in per-pixel mode). Evaluation
+with `eval_crop` < 1 resizes to out_size / eval_crop and takes the centre crop (0.875: the papers'
+resize 256, centre crop 224).
 """
 from __future__ import annotations
 
@@ -42,8 +50,11 @@ class Views:
     def __init__(self, out_size: int, random: StepRandom, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  pad_frac: float = 0.125, randaug_ops: int = 2, randaug_mag: float = 10.0,
                  randaug_prob: float = 0.5, cutout_frac: float = 0.5,
-                 mae_scale: tuple[float, float] = (0.2, 1.0)):
+                 mae_scale: tuple[float, float] = (0.2, 1.0), crop: str = "translate", crop_scale_min: float = 0.08,
+                 jitter: float = 0.0, erase_prob: float = 0.0, eval_crop: float = 1.0):
         self.out_size = out_size
+        self.crop, self.crop_scale_min, self.jitter = crop, crop_scale_min, jitter
+        self.erase_prob, self.eval_crop = erase_prob, eval_crop
         self.random = random
         self.pad_frac = pad_frac
         self.randaug_ops = randaug_ops
@@ -58,20 +69,26 @@ class Views:
     # -- the views: each takes `Images` (or a bare uint8 tensor) -------------------------------
     def eval(self, x: Images | Tensor) -> Tensor:
         img = _to_float(_pixels(x))
-        if img.shape[-1] != self.out_size or img.shape[-2] != self.out_size:
-            img = F.interpolate(img, size=(self.out_size, self.out_size), mode="bilinear",
-                                align_corners=False, antialias=True)
+        size = self.out_size if self.eval_crop >= 1 else int(round(self.out_size / self.eval_crop))
+        if img.shape[-1] != size or img.shape[-2] != size:
+            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if size != self.out_size:  # the centre crop of the papers' evaluation
+            top = (size - self.out_size) // 2
+            img = img[:, :, top:top + self.out_size, top:top + self.out_size]
         return self._normalise(img)
 
     def weak(self, x: Images | Tensor) -> Tensor:
         d, px = self.random.on(x), _pixels(x)
-        theta = self._flip(d, self._translate(d, _identity(len(px), px.device), px.shape[1]))
-        return self._normalise(self._resample(_to_float(px), theta))
+        theta = self._flip(d, self._crop(d, _identity(len(px), px.device), px.shape[1]))
+        img = self._resample(_to_float(px), theta)
+        if self.jitter > 0:
+            img = self._jitter(d, img)
+        return self._normalise(img)
 
     def strong(self, x: Images | Tensor) -> Tensor:
         d, px = self.random.on(x), _pixels(x)
         n, dev = len(px), px.device
-        theta = self._flip(d, self._translate(d, _identity(n, dev), px.shape[1]))
+        theta = self._flip(d, self._crop(d, _identity(n, dev), px.shape[1]))
         img = _to_float(px)
         for _ in range(self.randaug_ops):
             op = d.randint(0, len(OPS))
@@ -82,12 +99,25 @@ class Views:
             theta = theta @ _geometric(op, strength * sign)
             img = _colour(img, op - len(GEOMETRIC_OPS), strength, sign)
         img = self._resample(img, theta)
-        return self._normalise(self._cutout(d, img))
+        out = self._normalise(self._cutout(d, img))
+        return self._erase(d, out) if self.erase_prob > 0 else out
 
     def mae(self, x: Images | Tensor) -> Tensor:
         d, px = self.random.on(x), _pixels(x)
-        n, dev = len(px), px.device
-        lo, hi = self.mae_scale
+        theta = self._resized_crop(d, len(px), px.device, *self.mae_scale)
+        return self._normalise(self._resample(_to_float(px), self._flip(d, theta)))
+
+    def labeled(self, x: Images | Tensor, kind: str) -> Tensor:
+        return {"weak": self.weak, "strong": self.strong, "mae": self.mae, "eval": self.eval}[kind](x)
+
+    # -- pieces --------------------------------------------------------------------------------
+    def _crop(self, d: Draws, theta: Tensor, side: int) -> Tensor:
+        if self.crop == "rrc":
+            return self._resized_crop(d, len(theta), theta.device, self.crop_scale_min, 1.0)
+        return self._translate(d, theta, side)
+
+    def _resized_crop(self, d: Draws, n: int, dev, lo: float, hi: float) -> Tensor:
+        """A random resized crop per image: area share U[lo, hi], aspect 3/4..4/3, inside the image."""
         area = lo + (hi - lo) * d.uniform()
         log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * d.uniform()
         sx = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # crop width / image width
@@ -96,12 +126,36 @@ class Views:
         cy = (1 - sy) * (2 * d.uniform() - 1)
         theta = _identity(n, dev)
         theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = sx, sy, cx, cy
-        return self._normalise(self._resample(_to_float(px), self._flip(d, theta)))
+        return theta
 
-    def labeled(self, x: Images | Tensor, kind: str) -> Tensor:
-        return {"weak": self.weak, "strong": self.strong, "mae": self.mae, "eval": self.eval}[kind](x)
+    def _jitter(self, d: Draws, img: Tensor) -> Tensor:
+        """Brightness, contrast and saturation, each by a factor in [1 - j, 1 + j] per image."""
+        n, j = len(img), self.jitter
+        b, c, s = (1 + j * (2 * d.uniform() - 1)).view(n, 1, 1, 1), (1 + j * (2 * d.uniform() - 1)).view(n, 1, 1, 1), \
+            (1 + j * (2 * d.uniform() - 1)).view(n, 1, 1, 1)
+        img = (img * b).clamp(0, 1)
+        mean = _grey(img).mean(dim=(2, 3), keepdim=True)
+        img = ((img - mean) * c + mean).clamp(0, 1)
+        grey = _grey(img)
+        return ((img - grey) * s + grey).clamp(0, 1)
 
-    # -- pieces --------------------------------------------------------------------------------
+    def _erase(self, d: Draws, img: Tensor) -> Tensor:
+        """Random erasing with probability erase_prob: a box of 2-33 % of the area, aspect
+        0.3..3.3, filled with a random colour per channel (in normalised units)."""
+        n, _, h, w = img.shape
+        on = d.uniform() < self.erase_prob
+        area = (0.02 + (1 / 3 - 0.02) * d.uniform()) * h * w
+        log_r = math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * d.uniform()
+        bh = torch.sqrt(area * log_r.exp()).clamp(max=h)
+        bw = torch.sqrt(area / log_r.exp()).clamp(max=w)
+        top, left = d.uniform() * (h - bh), d.uniform() * (w - bw)
+        colour = d.uniform(3) * 4 - 2
+        rows = torch.arange(h, device=img.device).view(1, h, 1)
+        cols = torch.arange(w, device=img.device).view(1, 1, w)
+        box = ((rows >= top.view(n, 1, 1)) & (rows < (top + bh).view(n, 1, 1)) &
+               (cols >= left.view(n, 1, 1)) & (cols < (left + bw).view(n, 1, 1)) & on.view(n, 1, 1))
+        return torch.where(box[:, None], colour.view(n, 3, 1, 1).to(img.dtype), img)
+
     def _translate(self, d: Draws, theta: Tensor, side: int) -> Tensor:
         """Whole-pixel shifts of up to pad_frac * side: at the native size the view is an exact
         crop of the mirror-padded image."""

@@ -43,7 +43,8 @@ def pretrain_options(steps: int = 5000) -> dict[str, Option]:
     """Options of the MAE pretraining stage, as a later method declares them (`--pretrain-*`).
     Defaults: the official MAE recipe scaled to CIFAR (betas 0.9/0.95, wd 0.05, lr 1.5e-4 x bs/256)."""
     return {
-        "pretrain_steps": Option(steps, "MAE pretraining steps", **positive()),
+        "pretrain_steps": Option(steps, "MAE pretraining steps (0: none, the encoder starts from scratch or from "
+                                 "--init-from)", **non_negative()),
         "pretrain_batch_size": Option(256, "MAE pretraining batch size", **positive()),
         "pretrain_lr": Option(1.5e-4, "MAE pretraining peak lr", **positive()),
         "pretrain_warmup_steps": Option(steps // 20, "MAE pretraining warm-up steps", **non_negative()),

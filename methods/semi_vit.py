@@ -16,7 +16,7 @@ from torch import Tensor
 from bench.batch import Batch
 from bench.method import register, soft_cross_entropy, weighted_mean
 from bench.mixing import mix, one_hot_smooth, partners_of, prob_pseudo_mix_lambda
-from bench.options import Option, non_negative, positive, unit_open
+from bench.options import Option, non_negative, positive, unit_closed, unit_open, unit_open_closed
 from bench.pseudo import PseudoLabels
 from bench.stages import Stage
 from methods.fixmatch import FixMatch, unlabeled_options
@@ -39,6 +39,17 @@ class SemiViT(FixMatch):
         "finetune_lr": Option(5e-4, "supervised fine-tuning peak lr (stage 2)", type=float,
                               check=lambda v: v > 0, check_msg="> 0"),
         "finetune_warmup_steps": Option(100, "supervised fine-tuning warm-up steps", **non_negative()),
+        # Stage 2's own recipe where it differs from stage 3's (Semi-ViT's FINETUNE.md); unset: stage 3's.
+        "finetune_batch_size": Option(None, "stage 2 labeled batch (unset: --batch-size)", type=int, **positive()),
+        "finetune_layer_decay": Option(None, "stage 2 layer decay (Semi-ViT: 0.65 for ViT-B; unset: --layer-decay)",
+                                       type=float, **unit_open_closed()),
+        "finetune_drop_path": Option(None, "stage 2 stochastic depth (unset: --drop-path)", type=float, **unit_open()),
+        "finetune_mixup_alpha": Option(None, "stage 2 mixup alpha (unset: --mixup-alpha)", type=float,
+                                       **non_negative()),
+        "finetune_cutmix_alpha": Option(None, "stage 2 cutmix alpha (unset: --cutmix-alpha)", type=float,
+                                        **non_negative()),
+        "finetune_erase_prob": Option(None, "stage 2 random erasing (unset: --erase-prob)", type=float,
+                                      **unit_closed()),
     }
     # Semi-ViT's 10 % settings for the labeled branch (stages 2 and 3): smoothing 0.1, mixup 0.8 /
     # cutmix 1.0 on RandAugment views, layer decay 0.75. The EMA teacher's tau (0.5-0.7) stays

@@ -86,3 +86,42 @@ def real_cifar10_subset(source, dest, classes, train_per_class, test_per_class):
             if not any(want.values()):
                 break
     return dest
+
+
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331")
+
+
+def write_imagenet_tree(root, wnids=WNIDS, train_per_class=30, val_per_class=8, seed=0, quirks=True):
+    """An ILSVRC-2012-layout tree (train/<wnid>/<wnid>_<k>.JPEG, val/<wnid>/ILSVRC2012_val_*.JPEG)
+    of JPEGs of varied sizes and aspect ratios, each class a colour so a model can tell them
+    apart; with `quirks`, the files real ImageNet holds: a PNG named .JPEG, a CMYK and a greyscale
+    JPEG. Returns {relative path: (class index, the RGB image written)}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    serial = 0
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for c, wnid in enumerate(wnids):
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                w, h = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+                base = np.array([(c * 67) % 256, (c * 131 + 40) % 256, (c * 29 + 90) % 256], dtype=np.float32)
+                img = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+                serial += 1
+                name = f"{wnid}_{k}.JPEG" if split == "train" else f"ILSVRC2012_val_{serial:08d}.JPEG"
+                path = root / split / wnid / name
+                kind = k % 10 if quirks and split == "train" else -1
+                im = Image.fromarray(img)
+                if kind == 1:
+                    im.save(path, format="PNG")                 # a PNG named .JPEG
+                elif kind == 2:
+                    im = im.convert("CMYK")
+                    im.save(path, format="JPEG", quality=90)    # CMYK JPEG
+                    img = np.asarray(Image.open(path).convert("RGB"))
+                elif kind == 3:
+                    im = im.convert("L")
+                    im.save(path, format="JPEG", quality=90)    # greyscale JPEG
+                    img = np.asarray(Image.open(path).convert("RGB"))
+                else:
+                    im.save(path, format="JPEG", quality=90)
+                written[f"{split}/{wnid}/{name}"] = (c, img)
+    return written

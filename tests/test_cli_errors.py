@@ -21,6 +21,8 @@ FREE_TEXT = {
     "cache_dir": ("{tmp}/a_file/cache", "cache directory"),
     "results_dir": ("{tmp}/a_file/results", "results directory"),
     "mongo": ("mongodb://127.0.0.1:1/x", "mongo"),
+    "split_file": ("{tmp}/nowhere.txt", "--split-file {tmp}/nowhere.txt: cannot read it"),
+    "init_from": ("{tmp}/nowhere.pth", "--init-from {tmp}/nowhere.pth: no such file"),
 }
 
 
@@ -55,7 +57,7 @@ def option_cases():
 @pytest.mark.parametrize("method, key, value, words", list(option_cases()))
 def test_every_option_rejects_an_invalid_value(tmp_path, capsys, monkeypatch, method, key, value, words):
     (tmp_path / "a_file").write_text("")
-    value = value.format(tmp=tmp_path)
+    value, words = value.format(tmp=tmp_path), words.format(tmp=tmp_path)
     dataset = ["--set", "dataset=cifar10"] if key == "data" else []
     results = tmp_path / "results"
     quiet = [] if key == "progress" else ["--no-progress"]  # a flag would override --set
@@ -145,7 +147,7 @@ def test_malformed_study_files_are_rejected(tmp_path, capsys, monkeypatch, case)
     (["run", "fixmatc"], "unknown method 'fixmatc'"),
     (["run", "supervised", "--preset", "quick"], "unknown preset 'quick'"),
     (["study", "nope", "--dataset", "synthetic"], "unknown study 'nope'"),
-    (["study", "mask_ratio", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["study", "mask_ratio", "--dataset", "imagenet21k"], "unknown dataset 'imagenet21k'"),
     (["speed", "--methods", "fixmatc"], "unknown method 'fixmatc'"),
     (["speed", "--steps", "0"], "--steps"),
     (["tune", "supervised", "--trials", "0"], "--trials"),

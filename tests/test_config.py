@@ -57,3 +57,24 @@ def test_malformed_preset_file(tmp_path):
     p.write_text("steps: [1, 2\n")
     with pytest.raises(UsageError, match="cannot read preset"):
         resolve(sup(), preset=str(p))
+
+
+def test_set_method_key_reaches_that_method_only():
+    from bench.cli import parse_sets
+    from bench.config import resolve
+    from bench.method import get_method
+    layer = parse_sets(["steps=30", "semi_vit.finetune_steps=7", "fixmatch.tau=0.4"])
+    assert layer == {"steps": 30, "methods": {"semi_vit": {"finetune_steps": 7}, "fixmatch": {"tau": 0.4}}}
+    vit = resolve(get_method("semi_vit"), preset="smoke", cli=layer)
+    fix = resolve(get_method("fixmatch"), preset="smoke", cli=layer)
+    assert (vit["steps"], vit["finetune_steps"], vit["tau"]) == (30, 7, 0.5)
+    assert (fix["steps"], fix["tau"]) == (30, 0.4)
+
+
+def test_a_study_cut_to_some_variants_keeps_their_cells():
+    from bench.studies import load_study
+    spec = load_study("ssmae_ablation").cut(variants=["full", "no_gate"])
+    assert list(spec.variants) == ["full", "no_gate"]
+    assert {c.key for c in spec.cells(1)} <= {c.key for c in load_study("ssmae_ablation").cells(1)}
+    with pytest.raises(UsageError, match="--variants nope: not a variant of study ssmae_ablation"):
+        load_study("ssmae_ablation").cut(variants=["nope"])

@@ -26,7 +26,7 @@ def test_every_shipped_preset_lets_every_method_admit_pseudo_labels(preset, meth
 @pytest.mark.parametrize("preset", preset_names())
 def test_ssmae_keeps_its_papers_labeled_share_in_every_preset(preset):
     # 32 unlabeled images per 16 labeled: labeled images are a third of its single CE
-    assert resolve(get_method("ssmae"), preset=preset)["mu"] == 2
+    assert resolve(get_method("ssmae"), preset=preset, cli={"dataset": "cifar10"})["mu"] == 2
 
 
 def test_method_recipes_sit_between_core_defaults_and_presets(tmp_path):

@@ -202,6 +202,6 @@ def test_smoke_run_on_real_cifar10(tmp_path, real_cache):
     data = load_dataset("cifar10", str(SHARED_CIFAR10), real_cache)
     model = build_model(cfg, 10, with_decoder=False)
     model.load_state_dict(checkpoint.load(run / "checkpoint.pt")["model"])
-    acc = evaluate(model, torch.from_numpy(data.test_x), torch.from_numpy(data.test_y),
+    acc = evaluate(model, torch.from_numpy(data.test_x), torch.arange(len(data.test_y)), torch.from_numpy(data.test_y),
                    Views(cfg["img_size"], StepRandom(0)).eval, 1000, lambda: torch.autocast("cpu", enabled=False)).acc
     assert len(data.test_y) == 10_000 and acc == pytest.approx(result["test_acc"]) and acc > 15

@@ -88,3 +88,16 @@ def test_allreduce_speed_measures_the_gradient_sync_on_two_processes():
     for r in rows:
         assert r["ms"] > 0 and r["mbytes"] == 4 * r["elements"] / 1e6
         assert r["bus_gb_s"] == pytest.approx(r["alg_gb_s"])              # 2 (K - 1) / K = 1 at K = 2
+
+
+def test_a_streamed_store_workload_reports_the_stores_read_rate_beside_the_step(tmp_path):
+    out = bench(["speed", "--methods", "supervised", "--steps", "3", "--warmup", "1", "--set", "store=streamed",
+                 "--set", "image_side=96", "--results-dir", str(tmp_path)], tmp_path / "c", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "speed" / "speed-smoke-cpu.json").read_text())["rows"]
+    assert row["store"] == "streamed" and row["store_read_img_s"] > row["images_per_step"]
+    assert 0 <= row["store_wait_pct"] < 100
+    wl = Workload("w", "semi_vit", None, target={"img_per_s": 1})
+    starved = {**row, "device_type": "cuda", "img_per_s": 2, "mfu_pct": 1, "views_pct": 4, "store_wait_pct": 7}
+    assert verdict(starved, wl, 10, on_gpu=True) == "MISSED: views + store wait 11.0% > 10%"
+    assert verdict({**starved, "store_wait_pct": 5}, wl, 10, on_gpu=True) == "met"

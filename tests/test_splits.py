@@ -40,7 +40,7 @@ def test_rest_pool_excludes_labeled_and_labels_per_class():
 def test_budget_errors():
     with pytest.raises(UsageError, match="labels-per-class 51 is more than class"):
         make_split(Y, 10, labels_per_class=51)
-    with pytest.raises(UsageError, match="validation needs 1"):
+    with pytest.raises(UsageError, match="validation carved out of it needs 1"):
         make_split(Y, 10, label_fraction=0.01)  # 1 image per class: nothing left for training
 
 

@@ -17,7 +17,9 @@ def resolved(cell, spec, dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    assert main(["run", cell.method, "--study-layer", json.dumps(layer), "--preset", "smoke", "--print-config"]) == 0
+    data = ["--data", str(tmp_path / "ILSVRC2012")] if dataset == "imagenet" else []  # resolving reads no image
+    assert main(["run", cell.method, "--study-layer", json.dumps(layer), "--preset", "smoke", *data,
+                 "--print-config"]) == 0
     return yaml.safe_load(capsys.readouterr().out)
 
 
@@ -49,7 +51,9 @@ def test_each_axis_value_and_variant_reaches_the_run(name, dataset, tmp_path, ca
         for variant, overrides in spec.variants.items():
             (c,) = [c for c in mine if c.variant == variant and c.axes == mine[0].axes]
             cfg = resolved(c, spec, dataset, tmp_path, capsys, monkeypatch)
-            for option, value in overrides.items():
+            own = {k: v for k, v in overrides.items() if k != "methods"}
+            own.update(overrides.get("methods", {}).get(method, {}))  # a variant's per-method overrides
+            for option, value in own.items():
                 assert cfg[option] == value, (method, variant, option)
             checked += 1
     assert checked or not (spec.axes or spec.variants)

@@ -108,3 +108,21 @@ def test_an_images_view_depends_on_its_row_not_on_its_batch_mates():
         v.random.begin(3)
         part = Images(x[5:], whole.rows[5:], whole.size, whole.universe)
         assert torch.equal(v.labeled(part, kind), together[5:]), kind
+
+
+def test_224px_views_random_resized_crop_jitter_erasing_and_centre_crop():
+    x = torch.from_numpy(np.tile(np.arange(64, dtype=np.uint8)[None, :, None, None] * 4, (8, 1, 64, 3)))  # rows of values
+    plain, rrc = views(32), views(32, crop="rrc", crop_scale_min=0.25)
+    assert not torch.equal(plain.weak(x), rrc.weak(x))
+    # a crop keeps at least crop_scale_min of the area: the rows it spans cover >= half the image
+    spans = [pixels(v)[:, 0].amax() - pixels(v)[:, 0].amin() for v in rrc.weak(x)]
+    assert min(float(s) for s in spans) >= 0.4 * (252 / 255)
+    jittered = views(32, jitter=0.4).weak(images())
+    assert not torch.allclose(jittered, views(32).weak(images()))        # colours move, geometry does not
+    erased = views(32, erase_prob=1.0, cutout_frac=0.0).strong(images())
+    kept = views(32, erase_prob=0.0, cutout_frac=0.0).strong(images())
+    assert ((erased != kept).flatten(1).any(1)).all()                  # every image got its box
+    # evaluation: resize to 32 / 0.875 = 37, then the centre 32 x 32
+    img = images(2, size=37)
+    centre = views(32, eval_crop=0.875).eval(img)
+    torch.testing.assert_close(pixels(centre), img.permute(0, 3, 1, 2).float()[:, :, 2:34, 2:34] / 255)

@@ -1,0 +1,100 @@
+"""Standard label subsets given as files (`--split-file`), validated before anything is written.
+
+Two formats, detected from the content (or named with `--split-format`):
+- `simclr`: SimCLR's `1percent.txt` / `10percent.txt` (also VISSL's, TFDS imagenet2012_subset):
+  one training file name per line, e.g. `n01440764_10026.JPEG`; the class is the name's wnid;
+- `semivit`: Semi-ViT's index CSVs (`train_1p_index.csv`): a header with an `Index` column, then
+  positions into the training images in torchvision ImageFolder order (classes sorted, files
+  sorted within each), which is the order the suite lists them in.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from bench.errors import UsageError
+
+FORMATS = ("auto", "simclr", "semivit")
+
+
+def read_split_file(path: str | Path, train_files: list[str] | None, train_y: np.ndarray, classes: list[str],
+                    fmt: str = "auto") -> tuple[np.ndarray, dict]:
+    """The labeled training indices a split file names, and what it says of itself (format,
+    sha256, count, per-class counts); UsageError on any defect."""
+    path = Path(path).expanduser()
+    where = f"--split-file {path}"
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read it ({e.strerror}); give the path to the split file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not a text file; give SimCLR's list of file names or Semi-ViT's index CSV") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"{where}: the file is empty; it must name the labeled training images")
+    if fmt == "auto":
+        fmt = "semivit" if "index" in [c.strip().lower() for c in lines[0].split(",")] else "simclr"
+    if fmt == "semivit":
+        idx = _semivit_indices(lines, where, len(train_y))
+    elif fmt == "simclr":
+        idx = _simclr_indices(lines, where, train_files, classes)
+    else:
+        raise UsageError(f"--split-format {fmt!r}: use one of {', '.join(FORMATS)}")
+    uniq, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        dup = int(uniq[counts > 1][0])
+        name = train_files[dup] if train_files else f"index {dup}"
+        raise UsageError(f"{where}: {name} is listed {int(counts[counts > 1][0])} times; a split names each image once")
+    per_class = np.bincount(train_y[idx], minlength=len(classes))
+    info = {"file": str(path), "format": fmt, "sha256": hashlib.sha256(raw).hexdigest(), "images": int(len(idx)),
+            "classes_with_labels": int((per_class > 0).sum()), "per_class_min": int(per_class.min()),
+            "per_class_max": int(per_class.max())}
+    return np.sort(idx).astype(np.int64), info
+
+
+def _semivit_indices(lines: list[str], where: str, n: int) -> np.ndarray:
+    rows = list(csv.reader(lines))
+    header = [c.strip().lower() for c in rows[0]]
+    if "index" not in header:
+        raise UsageError(f"{where}: a Semi-ViT index CSV needs an 'Index' column in its header; the header is {rows[0]}")
+    col = header.index("index")
+    out = []
+    for i, row in enumerate(rows[1:], start=2):
+        try:
+            v = int(row[col])
+        except (ValueError, IndexError):
+            raise UsageError(f"{where}: line {i} has no integer Index ({','.join(row)[:60]!r}); fix the file") from None
+        if not 0 <= v < n:
+            raise UsageError(f"{where}: line {i}: index {v} is outside the {n} training images; is this file for "
+                             f"this dataset?")
+        out.append(v)
+    if not out:
+        raise UsageError(f"{where}: the CSV has a header but no index; it must name the labeled training images")
+    return np.array(out, dtype=np.int64)
+
+
+def _simclr_indices(lines: list[str], where: str, train_files: list[str] | None, classes: list[str]) -> np.ndarray:
+    if train_files is None:
+        raise UsageError(f"{where}: this dataset has no file names to look names up in; give Semi-ViT's index CSV "
+                         f"(positions into the training images) instead")
+    by_name = {Path(f).name: i for i, f in enumerate(train_files)}
+    known = set(classes)
+    out = []
+    for i, line in enumerate(lines, start=1):
+        name = Path(line.split()[0]).name
+        if name.lower().endswith(".csv") or "," in line:
+            raise UsageError(f"{where}: line {i} ({line[:60]!r}) is not a file name; SimCLR's format lists one "
+                             f"training image per line (or pass --split-format semivit for an index CSV)")
+        if name not in by_name:
+            wnid = name.split("_")[0]
+            if "_" in name and wnid not in known:
+                raise UsageError(f"{where}: line {i}: {name} is of class {wnid}, which this dataset does not have; "
+                                 f"is this file for this dataset?")
+            raise UsageError(f"{where}: line {i}: {name} is not among the training images; check the file or --data")
+        out.append(by_name[name])
+    return np.array(out, dtype=np.int64)

@@ -1,0 +1,54 @@
+"""Where a run's images live. The trainer gathers uint8 batches by index from a store and never
+assumes the dataset is on the device:
+
+- `resident`: the whole array on the device (CIFAR: exactly today's path, as fast and bitwise);
+- `streamed`: a memory-mapped uint8 cache on disk, the next step's rows read by a background
+  thread into pinned memory while the current step runs; host memory stays a few batches
+  whatever the dataset's size.
+
+`--store auto` (the default) keeps a dataset resident when it fits a memory budget (a quarter of
+the device's free memory on a GPU, of the host's on a CPU) and streams it otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from bench.errors import UsageError
+from bench.store.resident import ResidentStore
+from bench.store.streamed import StreamedStore
+
+STORES = ("auto", "resident", "streamed")
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a resident dataset may take: a quarter of what the device has free."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def choose(kind: str, nbytes: int, device: torch.device) -> str:
+    """The store `--store kind` resolves to for `nbytes` of images."""
+    if kind not in STORES:
+        raise UsageError(f"--store {kind!r}: use one of {', '.join(STORES)}")
+    if kind != "auto":
+        return kind
+    return "resident" if nbytes <= memory_budget(device) else "streamed"
+
+
+def open_store(images: np.ndarray, device: torch.device, kind: str):
+    """A store over `images` (an array, or a memory-mapped one) of the kind `kind` resolves to."""
+    chosen = choose(kind, images.nbytes, device)
+    if chosen == "resident":
+        return ResidentStore(images, device)
+    if not isinstance(images, np.memmap):
+        raise UsageError("--store streamed needs an on-disk image cache; this source is decoded in memory "
+                         "(give --image-side to build one, or use --store resident)")
+    return StreamedStore(images, device)
