@@ -80,7 +80,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         return 0
 
     from bench import distributed
-    from bench.runner import execute, prepare
+    from bench.runner import execute
     if nproc != 1:
         return launch_ranks(cfg, resume, nproc, argv)
     w = distributed.join(cfg["device"], cfg["dist_timeout"])

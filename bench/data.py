@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.errors import UsageError
-from bench.io import atomic_write, ensure_writable_dir
+from bench.io import atomic_write, ensure_writable_dir, file_digest
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -141,7 +141,7 @@ def download(name: str, cache_dir: Path, progress: bool = True) -> Path:
     """The official archive of `name` in `<cache>/downloads`, fetched and md5-checked if absent."""
     spec = CIFAR[name]
     dest = cache_dir / "downloads" / spec.filename
-    if dest.is_file() and md5sum(dest) == spec.md5:
+    if dest.is_file() and file_digest(dest, "md5") == spec.md5:
         return dest
     fetch(MIRROR.rstrip("/") + "/" + spec.filename, dest, spec.md5, progress,
           hint=f"offline? pass --data PATH to {spec.filename} (or an image-folder copy) instead")
@@ -162,18 +162,10 @@ def fetch(url: str, dest: Path, md5: str, progress: bool = True, hint: str = "")
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise UsageError(f"cannot download {url}: {reason}; {hint}".rstrip("; ")) from None
-        if md5sum(Path(tmp)) != md5:
+        if file_digest(tmp, "md5") != md5:
             raise UsageError(f"checksum mismatch for {url} (expected md5 {md5}); the download is "
                              f"corrupt: retry, or {hint or 'pass --data PATH'}")
     atomic_write(dest, write)
-
-
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def content_hash(path: Path, cache_dir: Path) -> str:

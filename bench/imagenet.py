@@ -11,7 +11,6 @@ each), is kept with the cache: split files name images by it.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 

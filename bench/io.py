@@ -1,6 +1,8 @@
-"""Atomic file writes: a crash mid-write leaves the previous version intact."""
+"""File I/O: atomic writes (a crash mid-write leaves the previous version intact) and digests
+of file contents read in chunks."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -55,3 +57,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read 4 MiB at a time (weight files and archives are GBs)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

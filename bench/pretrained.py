@@ -18,24 +18,16 @@ final `norm` then initialises the MAE branch's latent norm where the model has o
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.errors import UsageError
+from bench.io import file_digest
 
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "reg_token", "dist_token", "pos_embed", "blocks.", "norm.",
                     "norm_pre.")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -98,5 +90,5 @@ def load_into(path: str | Path, model) -> dict[str, Any]:
             model.mae_norm.bias.copy_(state["norm.bias"])
             notes.append("the file's final norm initialises the MAE branch's latent norm")
     unused = sorted({k.split(".")[0] for k in state if k not in take} - {"head"})
-    return {"file": str(path), "sha256": file_sha256(path), "tensors": len(take), "notes": notes,
+    return {"file": str(path), "sha256": file_digest(path), "tensors": len(take), "notes": notes,
             "not_loaded": unused}

@@ -53,6 +53,7 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
                 row.update(run_id=run_dir.name, trial=trial.number, **{k: result.get(k) for k in RESULTS})
                 row.update({k: _tail_mean(metrics, name, result.get("steps")) for k, name in HEALTH.items()})
                 row.update(budget_of(result, cell.method))
+                row["val_images"] = len(_json(run_dir / "split.json").get("val") or []) or None
                 row.update(provenance(record))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -169,6 +170,9 @@ def budget_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
         row = {"label": label, "steps (stages + own)": run["steps"] if run is not None else "—"}
         for k in BUDGET:
             row[f"{k.replace('_', ' ')} (k)"] = f"{run[k] / 1e3:,.0f}" if run is not None else "—"
+        # what checkpoint selection (and SSMAE's gate) read: at small label budgets, a handful
+        val = run.get("val_images") if run is not None else None
+        row["validation images"] = f"{int(val):,}" if val is not None and pd.notna(val) else "—"
         if spec.axes:
             minutes, _, n = _stats(done["minutes"]) if "minutes" in done else (math.nan, math.nan, 0)
             stages = _stats(done["stage_minutes"])[0] if "stage_minutes" in done else math.nan

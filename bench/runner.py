@@ -25,7 +25,7 @@ from bench.io import atomic_write_text
 from bench.method import get_method
 from bench.model import build_model
 from bench.pretrained import load_into
-from bench.split_files import read_split_file
+from bench.split_files import check_budget, read_split_file
 from bench.splits import split_for
 from bench.stages import run_stage, save_final, skipped, stage_config, stage_key, stage_result
 from bench.tracking import RunHandle, mongo_observer, prepare_runs_dir, runs_dir, tracked_run
@@ -49,6 +49,7 @@ def check_feasible(cfg: dict[str, Any], data, cache_dir: Path):
     if cfg.get("split_file"):
         labeled_from, info = read_split_file(cfg["split_file"], data.train_files, data.train_y, data.classes,
                                              cfg["split_format"])
+        check_budget(info, len(data.train_y), cfg["label_fraction"], cfg["labels_per_class"])
     split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir, labeled_from, info)
     method_cls = get_method(cfg["method"])
     method_cls.check(cfg, data.num_classes, split)

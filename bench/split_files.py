@@ -98,3 +98,18 @@ def _simclr_indices(lines: list[str], where: str, train_files: list[str] | None,
             raise UsageError(f"{where}: line {i}: {name} is not among the training images; check the file or --data")
         out.append(by_name[name])
     return np.array(out, dtype=np.int64)
+
+
+def check_budget(info: dict, n_train: int, label_fraction: float, labels_per_class: int | None) -> None:
+    """A split file sets the labeled budget; the config's budget options must agree with it, since
+    every report labels the row by them (a 1 % file under `--label-fraction 0.1` would be
+    published as a 10 % row)."""
+    where = f"--split-file {info['file']}"
+    if labels_per_class is not None:
+        raise UsageError(f"{where} and --labels-per-class {labels_per_class} both set the labeled budget; "
+                         f"drop --labels-per-class")
+    share = info["images"] / n_train
+    if abs(share / label_fraction - 1) > 0.25:
+        raise UsageError(f"{where} names {info['images']:,} images, {100 * share:.3g} % of the {n_train:,} training "
+                         f"images, but --label-fraction is {label_fraction:g}; set --label-fraction {share:.2g} "
+                         f"or give the file of that budget")

@@ -96,7 +96,7 @@ def create_schema_once(url: str) -> bool:
             if name == "postgresql":
                 conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({SCHEMA_LOCK})"))
             else:
-                conn.execute(sqlalchemy.text(f"SELECT GET_LOCK('ssvit_bench_schema', 600)"))
+                conn.execute(sqlalchemy.text("SELECT GET_LOCK('ssvit_bench_schema', 600)"))
             try:
                 optuna.storages.RDBStorage(url).remove_session()  # creates what is missing
             finally:

@@ -39,13 +39,16 @@ metric: test_acc
     text = (report / "table.md").read_text()
     assert "Budget: every method trains the same 20 optimizer steps" in text
     table = pd.read_csv(report / "table.csv", index_col=0)
-    for column in ("steps (stages + own)", "labeled images (k)", "unlabeled images (k)", "forward images (k)"):
+    for column in ("steps (stages + own)", "labeled images (k)", "unlabeled images (k)", "forward images (k)",
+                   "validation images"):
         assert column in table.columns, column
     runs = {(load_json(r / "config.json")["method"], load_json(r / "config.json")["seed"]):
             load_json(r / "run.json")["result"] for r in run_dirs(results)}
     assert runs[("fixmatch", 0)]["budget"] == {"steps": 20, "labeled_images": 20 * 32, "unlabeled_images": 20 * 64,
                                                "forward_images": 20 * (32 + 2 * 64)}
     assert str(table.loc["fixmatch", "steps (stages + own)"]) == "20"
+    val = {len(load_json(r / "split.json")["val"]) for r in run_dirs(results)}   # selection read these
+    assert len(val) == 1 and str(table.loc["fixmatch", "validation images"]) == f"{val.pop():,}"
     # the difference to supervised, paired by seed, with its t-interval
     diffs = pd.read_csv(report / "differences.csv")
     (row,) = diffs.to_dict("records")

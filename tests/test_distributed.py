@@ -13,7 +13,7 @@ import torch
 
 from bench.distributed.world import check_devices, first_host, from_env
 from bench.errors import UsageError
-from helpers import REPO, bench_env, load_json, run_dirs
+from helpers import REPO, bench_env, load_json, run_dirs, wait_for
 
 SMOKE = ["--preset", "smoke", "--no-progress", "--device", "cpu", "--dist-timeout", "30", "--steps", "40",
          "--eval-every", "20", "--ckpt-every", "20", "--log-every", "5"]
@@ -102,10 +102,7 @@ def test_a_killed_rank_fails_the_run_in_bounded_time_and_resume_finishes_it(tmp_
                                  str(tmp_path / "b"), "--nproc", "2"], cwd=REPO,
                                 env={**bench_env(cache), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "b" / "runs" / "1" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        assert time.time() < deadline and launcher.poll() is None, "the run did not get going"
-        time.sleep(0.1)
+    wait_for(ckpt, launcher, timeout=300)
     rank1 = next(pid for pid in child_pids(launcher.pid) if "RANK=1" in environ(pid))
     os.kill(rank1, signal.SIGKILL)
     killed = time.time()
@@ -138,10 +135,7 @@ def test_a_two_rank_run_stopped_by_ctrl_c_resumes_on_one_rank(tmp_path):
                                  str(tmp_path / "b"), "--nproc", "2"], cwd=REPO,
                                 env={**bench_env(cache), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     ckpt = tmp_path / "b" / "runs" / "1" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists():
-        assert time.time() < deadline and launcher.poll() is None, "the run did not get going"
-        time.sleep(0.1)
+    wait_for(ckpt, launcher, timeout=300)
     launcher.send_signal(signal.SIGINT)
     launcher.wait(timeout=120)
     assert launcher.returncode == 130, launcher.stderr.read()[-2000:]

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bench.studies import load_study, study_names
-from helpers import run_cli, smoke_trainer
+from helpers import smoke_trainer
 
 
 def resolved(cell, spec, dataset, tmp_path, capsys, monkeypatch):
