@@ -41,11 +41,13 @@ def predict(model: nn.Module, images, idx: Tensor, to_input: Callable[[Tensor], 
     uint8 tensor), in batches; a store reads the next batch while this one is predicted."""
     was_training = model.training
     model.eval()
-    chunks = [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    starts = range(0, len(idx), batch_size)
+    chunks = [idx[i:i + batch_size] for i in starts]
+    ahead = idx.cpu().numpy() if hasattr(images, "prefetch") else None  # one host copy, not one sync a batch
     out = []
     for i, chunk in enumerate(chunks):
-        if hasattr(images, "prefetch") and i + 1 < len(chunks):
-            images.prefetch(chunks[i + 1].cpu().numpy())
+        if ahead is not None and i + 1 < len(chunks):
+            images.prefetch(ahead[starts[i + 1]:starts[i + 1] + batch_size])
         x = images[chunk] if isinstance(images, Tensor) else images.gather(chunk)
         with autocast():
             logits = model(to_input(x))

@@ -46,15 +46,16 @@ def list_split(root: Path, split: str, wnids: bool) -> dict[str, list[str]]:
     return out
 
 
-def tree_signature(root: Path, listing: dict[str, dict[str, list[str]]]) -> str:
-    """sha256 of every file's relative path and size: cheap at 1.3 M files (no byte is read
-    twice), and changed by any file added, removed, renamed or rewritten to another size."""
+def tree_signature(root: Path, listing: dict[str, dict[str, list[str]]], sizes: bool = True) -> str:
+    """sha256 of every file's relative path and (`sizes`) size: cheap at 1.3 M files (no byte is
+    read twice), and changed by any file added, removed, renamed or rewritten to another size.
+    Without sizes it names the tree's file list, under which a partial build resumes."""
     h = hashlib.sha256()
     for split, classes in listing.items():
         for cls, names in classes.items():
             for name in names:
                 rel = f"{split}/{cls}/{name}"
-                h.update(f"{rel}\0{(root / rel).stat().st_size}\n".encode())
+                h.update((f"{rel}\0{(root / rel).stat().st_size}\n" if sizes else f"{rel}\n").encode())
     return h.hexdigest()
 
 
@@ -76,13 +77,14 @@ def load_tree(root: Path, name: str, cache_dir: Path, side: int, progress: bool 
                          f"same classes")
     signature = tree_signature(root, listing)
     final = Path(cache_dir) / "arrays" / f"{name}-{signature[:16]}-s{side}"
+    partial = final.with_name(f"{name}-{tree_signature(root, listing, sizes=False)[:16]}-s{side}.partial")
     splits, files = {}, {}
     for split, key in (("train", "train"), (test, "test")):
         rel = [f"{split}/{c}/{f}" for c in classes for f in listing[split].get(c, [])]
         labels = np.array([i for i, c in enumerate(classes) for _ in listing[split].get(c, [])], dtype=np.int64)
         splits[key] = ([str(root / r) for r in rel], labels)
         files[key] = rel
-    build_cache(final, splits, classes, files, side, progress=progress)
+    build_cache(final, partial, splits, classes, files, side, progress=progress)
     arrays = open_cache(final)
     return Dataset(name=name, classes=arrays["classes"], train_x=arrays["train_x"], train_y=arrays["train_y"],
                    test_x=arrays["test_x"], test_y=arrays["test_y"],

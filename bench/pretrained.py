@@ -18,6 +18,7 @@ final `norm` then initialises the MAE branch's latent norm where the model has o
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,14 @@ def load_into(path: str | Path, model) -> dict[str, Any]:
             if v.shape[-1] != own[k].shape[-1]:
                 raise UsageError(f"{where}: its position embedding is {v.shape[-1]} wide, the model's "
                                  f"{own[k].shape[-1]}; the file is another ViT size")
-            prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+            # leading rows that are not grid positions (a class token's): the file's, read from its
+            # square grid, must be the model's, or the grid would be read at the wrong offset
+            rows, grid = v.shape[1], model.grid[0] * model.grid[1]
+            prefix, mine = rows - math.isqrt(rows) ** 2, own[k].shape[1] - grid
+            if prefix != mine:
+                raise UsageError(f"{where}: its position table has {prefix} leading token row(s) before a "
+                                 f"{math.isqrt(rows)}x{math.isqrt(rows)} grid, the model's {mine} (its class "
+                                 f"token); give a ViT file with a class token row, as MAE's and timm's have")
             v = resample_abs_pos_embed(v, new_size=list(model.grid), num_prefix_tokens=prefix)
             notes.append(f"pos_embed resampled to a {model.grid[0]}x{model.grid[1]} grid")
         if v.shape != own[k].shape:

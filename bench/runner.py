@@ -101,7 +101,8 @@ def check_store(cfg: dict[str, Any], data) -> str:
     the on-disk cache that ImageNet and `--image-side` build."""
     import numpy as np
     from bench.store import choose
-    kind = choose(cfg["store"], data.train_x.nbytes + data.test_x.nbytes, pick_device(cfg["device"]))
+    kind = choose(cfg["store"], data.train_x.nbytes + data.test_x.nbytes, pick_device(cfg["device"]),
+                  isinstance(data.train_x, np.memmap))
     if kind == "streamed" and not isinstance(data.train_x, np.memmap):
         raise UsageError(f"--store streamed: {cfg['dataset']} is decoded in memory, not cached on disk; give "
                          f"--image-side to build an on-disk cache, or use --store resident")
@@ -178,7 +179,7 @@ def prepare(cfg: dict[str, Any], resume: str | None, world_size: int) -> Prepare
     split = check_feasible(cfg, data, cache_dir)
     if split.key.get("split_file") and world().is_main:
         f = split.key["split_file"]
-        print(f"split file {f['file']} ({f['format']}): {f['images']} labeled images, {f['per_class_min']}-"
+        print(f"split file {cfg['split_file']} ({f['format']}): {f['images']} labeled images, {f['per_class_min']}-"
               f"{f['per_class_max']} per class in {f['classes_with_labels']} classes; validation from the "
               f"{cfg['val_from']} images", flush=True)
     cfg = {**cfg, "store_used": check_store(cfg, data)}

@@ -128,9 +128,11 @@ def disk_dataset(side: int, n: int, tmp: Path):
     for start in range(0, n, 256):
         x[start:start + 256] = rng.integers(0, 256, (min(256, n - start), side, side, 3), dtype=np.uint8)
     x.flush()
+    np.save(tmp / "test_x.npy", x[:40])  # a cache file of its own: a store reads whole files
     train_x = np.load(tmp / "train_x.npy", mmap_mode="r")
+    test_x = np.load(tmp / "test_x.npy", mmap_mode="r")
     y = np.arange(n, dtype=np.int64) % 10
-    return Dataset("disk", [str(c) for c in range(10)], train_x, y, train_x[:40], y[:40], f"disk-{side}-{n}")
+    return Dataset("disk", [str(c) for c in range(10)], train_x, y, test_x, y[:40], f"disk-{side}-{n}")
 
 
 def _profile(trainer: Trainer, steps: int) -> str:

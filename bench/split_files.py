@@ -2,7 +2,8 @@
 
 Two formats, detected from the content (or named with `--split-format`):
 - `simclr`: SimCLR's `1percent.txt` / `10percent.txt` (also VISSL's, TFDS imagenet2012_subset):
-  one training file name per line, e.g. `n01440764_10026.JPEG`; the class is the name's wnid;
+  one training file name per line, e.g. `n01440764_10026.JPEG` (or `<class>/<name>` where an
+  image folder repeats a name across classes);
 - `semivit`: Semi-ViT's index CSVs (`train_1p_index.csv`): a header with an `Index` column, then
   positions into the training images in torchvision ImageFolder order (classes sorted, files
   sorted within each), which is the order the suite lists them in.
@@ -59,10 +60,14 @@ def read_split_file(path: str | Path, train_files: list[str] | None, train_y: np
 
 def _semivit_indices(lines: list[str], where: str, n: int) -> np.ndarray:
     rows = list(csv.reader(lines))
-    header = [c.strip().lower() for c in rows[0]]
-    if "index" not in header:
+    header = [c.strip() for c in rows[0]]
+    matches = [i for i, c in enumerate(header) if c.lower() == "index"]
+    if not matches:
         raise UsageError(f"{where}: a Semi-ViT index CSV needs an 'Index' column in its header; the header is {rows[0]}")
-    col = header.index("index")
+    exact = [i for i in matches if header[i] == "Index"]
+    if len(exact) != 1 and len(matches) > 1:  # e.g. pandas' reset_index beside Semi-ViT's column
+        raise UsageError(f"{where}: the header {rows[0]} has {len(matches)} index columns; keep only Semi-ViT's 'Index'")
+    col = exact[0] if exact else matches[0]
     out = []
     for i, row in enumerate(rows[1:], start=2):
         try:
@@ -82,14 +87,31 @@ def _simclr_indices(lines: list[str], where: str, train_files: list[str] | None,
     if train_files is None:
         raise UsageError(f"{where}: this dataset has no file names to look names up in; give Semi-ViT's index CSV "
                          f"(positions into the training images) instead")
-    by_name = {Path(f).name: i for i, f in enumerate(train_files)}
+    # by bare name (SimCLR's ImageNet lists: names are unique there), or by class/name where an
+    # image folder repeats a name across classes
+    by_name: dict[str, int] = {}
+    repeated: dict[str, list[str]] = {}
+    for i, f in enumerate(train_files):
+        name = Path(f).name
+        if name in by_name:
+            repeated.setdefault(name, [Path(train_files[by_name[name]]).parent.name]).append(Path(f).parent.name)
+        by_name[name] = i
+    by_rel = {"/".join(Path(f).parts[-2:]): i for i, f in enumerate(train_files)}
     known = set(classes)
     out = []
     for i, line in enumerate(lines, start=1):
-        name = Path(line.split()[0]).name
+        entry = line.split()[0]
+        name = Path(entry).name
         if name.lower().endswith(".csv") or "," in line:
             raise UsageError(f"{where}: line {i} ({line[:60]!r}) is not a file name; SimCLR's format lists one "
                              f"training image per line (or pass --split-format semivit for an index CSV)")
+        rel = "/".join(Path(entry).parts[-2:])
+        if "/" in rel and rel in by_rel:
+            out.append(by_rel[rel])
+            continue
+        if name in repeated:
+            raise UsageError(f"{where}: line {i}: {name} is the name of images in classes "
+                             f"{', '.join(repeated[name][:3])}; write it as <class>/{name}")
         if name not in by_name:
             wnid = name.split("_")[0]
             if "_" in name and wnid not in known:

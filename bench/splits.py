@@ -105,7 +105,9 @@ def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
            "labels_per_class": labels_per_class, "val_fraction": val_fraction,
            "unlabeled_pool": unlabeled_pool, "seed": seed}
     if split_file is not None or val_from != "labeled":  # the keys of earlier manifests stay as they were
-        key.update(split_file=split_file, val_from=val_from)
+        # the file by its content: the same subset at another path is the same split
+        key.update(split_file={k: v for k, v in (split_file or {}).items() if k != "file"} or None,
+                   val_from=val_from)
     return Split(labeled_idx.astype(np.int64), val_idx.astype(np.int64), unlabeled_idx.astype(np.int64), key)
 
 

@@ -75,12 +75,15 @@ def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any
                 continue
             scfg[name] = options[name].convert(name, value, flag=key)  # errors name the run's flag
     scfg["method"], scfg["preset"] = method_cls.name, cfg.get("preset")
+    if cfg.get("store_used"):  # decided once per run: every stage reads the same store
+        scfg["store_used"] = cfg["store_used"]
     return scfg
 
 
 def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_hash: str, split_hash: str) -> str:
     """Hash of everything that determines a stage's weights."""
-    ignored = IDENTITY_EXCLUDED | MECHANICS_KEYS | {"preset"}
+    # a split file counts by its content (its sha256 is in the split's hash), not by its path
+    ignored = IDENTITY_EXCLUDED | MECHANICS_KEYS | {"preset", "split_file"}
     if not method_cls.uses_labeled:
         ignored |= SPLIT_KEYS  # a label-free stage sees every training image, whatever the split
         split_hash = ""

@@ -250,7 +250,14 @@ def test_imagenet_layout_errors_are_one_line(tmp_path):
         out = bench(["run", "supervised", "--dataset", "imagenet", "--data", str(root), *TINY,
                      "--results-dir", str(results)], tmp_path / "cache")
         rejected(out, words, results)
-    assert list((tmp_path / "cache").glob("arrays/*.partial"))  # the corrupt tree's partial cache is kept
+    (partial,) = list((tmp_path / "cache").glob("arrays/*.partial"))  # the corrupt tree's partial cache is kept
+    # replaced by a readable copy (another size): the same partial build continues and completes
+    from PIL import Image
+    Image.new("RGB", (50, 30), (200, 10, 10)).save(bad, format="JPEG")
+    d = load_dataset("imagenet", corrupt, tmp_path / "cache", image_side=SIDE, progress=False)
+    assert not partial.exists() and not list((tmp_path / "cache").glob("arrays/*.partial"))
+    row = d.train_files.index(f"train/{WNIDS[1]}/{bad.name}")
+    assert abs(d.train_x[row].astype(int) - [200, 10, 10]).max() < 12
 
 
 # -- published weights ---------------------------------------------------------------------------
@@ -299,6 +306,13 @@ def test_init_from_loads_mae_and_timm_checkpoints_strictly(tmp_path):
                  "--embed-dim", "64", "--depth", "2", "--num-heads", "2", "--init-from", str(partial),
                  "--no-progress", "--results-dir", str(results)], tmp_path / "cache")
     rejected(out, "the file lacks encoder tensors blocks.1.", results)
+    # a position table without the class token's row, on another grid: refused, not read at an offset
+    tokenless = tmp_path / "tokenless.pth"
+    torch.save({**encoder, "pos_embed": encoder["pos_embed"][:, 1:]}, tokenless)
+    out = bench(["run", "mae_finetune", "--preset", "smoke", "--img-size", "32", "--patch-size", "8",
+                 "--embed-dim", "64", "--depth", "2", "--num-heads", "2", "--init-from", str(tokenless),
+                 "--no-progress", "--results-dir", str(results)], tmp_path / "cache")
+    rejected(out, "its position table has 0 leading token row(s) before a 8x8 grid, the model's 1", results)
 
 
 def test_the_papers_studies_run_smoke_sized_on_an_imagenet_tree(tree, cache, tmp_path):
@@ -324,3 +338,52 @@ def test_the_papers_studies_run_smoke_sized_on_an_imagenet_tree(tree, cache, tmp
             cfg = load_json(run / "config.json")
             assert load_json(run / "run.json")["status"] == "COMPLETED"
             assert (cfg["crop"], cfg["eval_crop"], cfg["dataset"]) == ("rrc", 0.875, "imagenet")
+
+
+def test_auto_keeps_decoded_data_resident_and_streams_a_cache_too_big_for_memory():
+    from bench.config import resolve
+    from bench.method import get_method
+    from bench.stages import stage_config
+    from bench.store import choose
+    cpu = torch.device("cpu")
+    assert choose("auto", 1 << 60, cpu, on_disk=False) == "resident"   # CIFAR is in memory already
+    assert choose("auto", 1 << 60, cpu, on_disk=True) == "streamed"
+    assert choose("auto", 1 << 20, cpu, on_disk=True) == "resident"
+    # the run decides once; each stage reads the same store
+    cls = get_method("semi_vit")
+    cfg = {**resolve(cls, preset="smoke"), "store_used": "streamed"}
+    for stage in cls.stages:
+        assert stage_config(cfg, stage, get_method(stage.method))["store_used"] == "streamed"
+
+
+def test_a_split_file_counts_by_its_content_not_its_path(tree, cache, tmp_path):
+    from bench.split_files import read_split_file
+    from bench.splits import make_split
+    d = dataset(tree, cache)
+    text = "".join(f"{Path(f).name}\n" for f in d.train_files[::10])
+    keys = []
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "10percent.txt").write_text(text)
+        labeled, info = read_split_file(tmp_path / where / "10percent.txt", d.train_files, d.train_y, d.classes)
+        keys.append(make_split(d.train_y, 6, labeled_from=labeled, split_file=info).key)
+    assert keys[0] == keys[1] and keys[0]["split_file"]["sha256"]
+
+
+def test_split_file_names_that_repeat_across_classes_and_doubled_index_columns_are_told_apart(tmp_path):
+    from bench.errors import UsageError
+    from bench.split_files import read_split_file
+    files = ["train/cat/001.jpg", "train/cat/002.jpg", "train/dog/001.jpg", "train/dog/003.jpg"]
+    y, classes = np.array([0, 0, 1, 1]), ["cat", "dog"]
+    listed = tmp_path / "names.txt"
+    listed.write_text("001.jpg\n")
+    with pytest.raises(UsageError, match="001.jpg is the name of images in classes cat, dog; write it as"):
+        read_split_file(listed, files, y, classes)
+    listed.write_text("dog/001.jpg\n002.jpg\n")                       # class/name, and a unique bare name
+    assert list(read_split_file(listed, files, y, classes)[0]) == [1, 2]
+    csv_file = tmp_path / "index.csv"
+    csv_file.write_text("index,Index\n0,3\n1,2\n")                    # pandas' row number beside Semi-ViT's column
+    assert list(read_split_file(csv_file, files, y, classes)[0]) == [2, 3]
+    csv_file.write_text("index,INDEX\n0,3\n")
+    with pytest.raises(UsageError, match="has 2 index columns"):
+        read_split_file(csv_file, files, y, classes)

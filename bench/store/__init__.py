@@ -6,12 +6,12 @@ assumes the dataset is on the device:
   thread into pinned memory while the current step runs; host memory stays a few batches
   whatever the dataset's size.
 
-`--store auto` (the default) keeps a dataset resident when it fits a memory budget (a quarter of
-the device's free memory on a GPU, of the host's on a CPU) and streams it otherwise.
+`--store auto` (the default) keeps a dataset decoded in memory (CIFAR) resident, and an on-disk
+cache resident when it fits a memory budget (a quarter of the device's free memory on a GPU, of
+the host's available memory on a CPU), streaming it otherwise.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -28,24 +28,27 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 4
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError):
+    try:  # MemAvailable counts the page cache the kernel would give back; "free" pages do not
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kb * 1024 // 4
+    except (OSError, StopIteration, ValueError):
         return 4 << 30
 
 
-def choose(kind: str, nbytes: int, device: torch.device) -> str:
-    """The store `--store kind` resolves to for `nbytes` of images."""
+def choose(kind: str, nbytes: int, device: torch.device, on_disk: bool = True) -> str:
+    """The store `--store kind` resolves to for `nbytes` of images; data decoded in memory
+    (`on_disk` False) is already resident in host memory, so `auto` keeps it so."""
     if kind not in STORES:
         raise UsageError(f"--store {kind!r}: use one of {', '.join(STORES)}")
     if kind != "auto":
         return kind
-    return "resident" if nbytes <= memory_budget(device) else "streamed"
+    return "resident" if not on_disk or nbytes <= memory_budget(device) else "streamed"
 
 
 def open_store(images: np.ndarray, device: torch.device, kind: str):
     """A store over `images` (an array, or a memory-mapped one) of the kind `kind` resolves to."""
-    chosen = choose(kind, images.nbytes, device)
+    chosen = choose(kind, images.nbytes, device, isinstance(images, np.memmap))
     if chosen == "resident":
         return ResidentStore(images, device)
     if not isinstance(images, np.memmap):

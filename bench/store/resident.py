@@ -10,10 +10,16 @@ class ResidentStore:
     kind = "resident"
 
     def __init__(self, images: np.ndarray, device: torch.device):
-        # a read-only memory map is copied into memory first (then to the device); an array is used as is
-        array = np.array(images) if isinstance(images, np.memmap) else np.ascontiguousarray(images)
-        self.images = torch.from_numpy(array).to(device)
         self.device = device
+        if isinstance(images, np.memmap):
+            # a cache on disk is copied to the device in slices: host memory holds one slice, not a
+            # second copy of the dataset
+            self.images = torch.empty(images.shape, dtype=torch.uint8, device=device)
+            step = max(1, (256 << 20) // max(1, images[:1].nbytes))
+            for s in range(0, len(images), step):
+                self.images[s:s + step].copy_(torch.from_numpy(np.array(images[s:s + step])))  # one slice in RAM
+        else:
+            self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -28,6 +28,11 @@ class StreamedStore:
         self.row_bytes = int(np.prod(images.shape[1:]))
         self.offset = images.offset
         self.fd = os.open(images.filename, os.O_RDONLY)
+        # rows are read by file position: the array must be a whole cache file, not a slice of one
+        # (a slice keeps its parent's offset and would read the parent's first rows)
+        if os.fstat(self.fd).st_size != self.offset + self.shape[0] * self.row_bytes:
+            os.close(self.fd)
+            raise ValueError(f"{images.filename}: the store needs the whole memory-mapped array, not a slice")
         self.device = device
         self.pin = device.type == "cuda"
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-read")
@@ -78,11 +83,15 @@ class StreamedStore:
         return rows.to(self.device, non_blocking=self.pin)
 
     def close(self) -> None:
+        """Stop the reader and close the file (idempotent)."""
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.pending.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def __del__(self) -> None:
         try:
-            os.close(self.fd)
+            self.close()
         except (OSError, AttributeError):
             pass
