@@ -223,7 +223,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these of the study's variants (a sub-grid, as --methods)")
     parser.add_argument("--values", action="append", default=[], metavar="AXIS=V1,V2",
                         help="only these values of an axis, e.g. --values label_fraction=0.01,0.1; a value the "
-                        "study does not list becomes a new cell of that axis (repeatable)")
+                        "study does not list becomes a new cell of that axis (repeatable); --values seed=1 runs "
+                        "only those seeds")
 
 
 def cmd_report(argv: Sequence[str]) -> int:

@@ -47,7 +47,8 @@ CIFAR = {
     "cifar100": Archive("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
                         ("train",), ("test",), b"fine_labels", "meta", b"fine_label_names"),
 }
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# torchvision ImageFolder's own list: index files (Semi-ViT's CSVs) are positions in its order
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 CACHE_VERSION = "1"  # bump when decoding changes, so stale caches are not reused
 
 

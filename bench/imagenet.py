@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.data import IMAGE_SUFFIXES
 from bench.errors import UsageError
 from bench.store.build import build_cache, open_cache
 
 WNID = re.compile(r"^n\d{8}$")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 DEFAULT_SIDE = 256
 
 

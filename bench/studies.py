@@ -63,13 +63,15 @@ class StudySpec:
     description: str = ""
     budget: str = ""          # the study's budget policy, one line printed with its report
     compare_to: Any = None    # the reference of the paired differences: a method, or {variant: name}
+    seed_values: list[int] | None = None  # a cut to these seeds (`--values seed=1`), else 0..seeds-1
 
     def cells(self, seeds: int | None = None) -> list[Cell]:
         seeds = self.seeds if seeds is None else seeds
+        chosen = range(seeds) if self.seed_values is None else self.seed_values
         grid = list(itertools.product(*[a["values"] for a in self.axes.values()])) or [()]
         variants = list(self.variants) or [None]
         return [Cell(m, tuple(zip(self.axes, values)), v, s)
-                for m in self.methods for values in grid for v in variants for s in range(seeds)]
+                for m in self.methods for values in grid for v in variants for s in chosen]
 
     def params(self, cell: Cell, seeds: int) -> dict[str, tuple[Any, Any]]:
         """The cell as Optuna parameters (value, distribution): method, every axis, the variant
@@ -117,11 +119,19 @@ class StudySpec:
                 raise UsageError(f"--methods {m}: not a method of study {self.name} ({', '.join(self.methods)}); "
                                  f"pick among those")
         axes = {k: dict(v) for k, v in self.axes.items()}
-        for axis, vals in (values or {}).items():
+        values = dict(values or {})
+        seed_values = self.seed_values
+        if "seed" in values and "seed" not in axes:  # the seeds to run: e.g. one more seed of a study
+            seed_values = values.pop("seed")
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seed_values):
+                raise UsageError(f"--values seed={','.join(map(str, seed_values))}: seeds are integers >= 0; "
+                                 f"e.g. --values seed=0,1")
+            seed_values = sorted(set(seed_values))
+        for axis, vals in values.items():
             if axis not in axes:
                 known = ", ".join(axes) or "none"
                 raise UsageError(f"--values {axis}=...: study {self.name} has no axis '{axis}' (its axes: "
-                                 f"{known}); use one of those")
+                                 f"{known}; and seed); use one of those")
             axes[axis]["values"] = list(vals)
         for v in variants or []:
             if v not in self.variants:
@@ -129,7 +139,7 @@ class StudySpec:
                                  f"{', '.join(self.variants) or 'it has none'}); pick among those")
         kept = {k: o for k, o in self.variants.items() if k in variants} if variants else dict(self.variants)
         return replace(self, methods=[m for m in self.methods if m in methods] if methods else list(self.methods),
-                       axes=axes, variants=kept)
+                       axes=axes, variants=kept, seed_values=seed_values)
 
     def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
         return resolve(get_method(cell.method), preset=preset,

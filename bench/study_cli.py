@@ -68,7 +68,9 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
                       workers=args.workers, heartbeat=args.heartbeat, progress=args.progress,
                       gpus_per_trial=args.gpus_per_trial)
-        sweep.study.set_user_attr("seeds", len({c.seed for c in cells}))
+        # the seeds a full report lists: a cut to some seeds never shrinks what earlier runs hold
+        sweep.study.set_user_attr("seeds", max(sweep.study.user_attrs.get("seeds", 0),
+                                               max(c.seed for c in cells) + 1))
         try:
             counts = sweep.run()
         except KeyboardInterrupt:

@@ -117,7 +117,11 @@ class Views:
         return self._translate(d, theta, side)
 
     def _resized_crop(self, d: Draws, n: int, dev, lo: float, hi: float) -> Tensor:
-        """A random resized crop per image: area share U[lo, hi], aspect 3/4..4/3, inside the image."""
+        """A random resized crop per image: area share U[lo, hi], aspect 3/4..4/3 (log-uniform),
+        inside the image. A draw too wide or tall for the image is clamped to its side, where
+        torchvision redraws up to ten times: large crops of extreme aspect come out a little
+        squarer and smaller than torchvision's (one draw per image keeps the batch's streams
+        fixed in (seed, step))."""
         area = lo + (hi - lo) * d.uniform()
         log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * d.uniform()
         sx = torch.sqrt(area * log_ratio.exp()).clamp(max=1.0)  # crop width / image width
@@ -141,7 +145,8 @@ class Views:
 
     def _erase(self, d: Draws, img: Tensor) -> Tensor:
         """Random erasing with probability erase_prob: a box of 2-33 % of the area, aspect
-        0.3..3.3, filled with a random colour per channel (in normalised units)."""
+        0.3..3.3, filled with one random colour per channel, U[-2, 2] in normalised units (timm's
+        'pixel' mode draws a normal value per pixel; a per-image colour needs no per-pixel draws)."""
         n, _, h, w = img.shape
         on = d.uniform() < self.erase_prob
         area = (0.02 + (1 / 3 - 0.02) * d.uniform()) * h * w

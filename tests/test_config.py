@@ -78,3 +78,15 @@ def test_a_study_cut_to_some_variants_keeps_their_cells():
     assert {c.key for c in spec.cells(1)} <= {c.key for c in load_study("ssmae_ablation").cells(1)}
     with pytest.raises(UsageError, match="--variants nope: not a variant of study ssmae_ablation"):
         load_study("ssmae_ablation").cut(variants=["nope"])
+
+
+def test_a_study_cut_to_some_seeds_runs_those_seeds_of_the_same_cells():
+    from bench.studies import load_study, parse_values
+    full = load_study("benchmark")
+    spec = full.cut(["fixmatch", "ssmae"], parse_values(["seed=1,2"]))
+    assert sorted((c.method, c.seed) for c in spec.cells()) == [("fixmatch", 1), ("fixmatch", 2), ("ssmae", 1),
+                                                                ("ssmae", 2)]
+    assert {c.key for c in spec.cells()} <= {c.key for c in full.cells(3)}   # a full run reuses them
+    for bad in ("seed=-1", "seed=x", "seed=0.5"):
+        with pytest.raises(UsageError, match="seeds are integers >= 0"):
+            full.cut(values=parse_values([bad]))
