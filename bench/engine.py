@@ -208,33 +208,35 @@ class Trainer:
         batch, y_u = Batch(), None
         universe = self.n_labeled + self.n_unlabeled
         dev, ranks, rank = self.device, self.world.size, self.world.rank
+        host_l, host_u = self.rank_indices(self.step)
         if self.n_labeled:
             n = self.n_labeled // ranks
-            host = self.labeled.at(self.step)[rank * n:(rank + 1) * n]
-            idx_l = torch.from_numpy(host).to(dev)
+            idx_l = torch.from_numpy(host_l).to(dev)
             rows = rank * n + torch.arange(n, device=dev)
-            batch.l = Images(self.train_store.gather(host), rows, self.n_labeled, universe)
+            batch.l = Images(self.train_store.gather(host_l), rows, self.n_labeled, universe)
             batch.y_l = self.train_y[idx_l]
         if self.n_unlabeled:
             n = self.n_unlabeled // ranks
-            host = self.unlabeled.at(self.step)[rank * n:(rank + 1) * n]
-            idx_u = torch.from_numpy(host).to(dev)
+            idx_u = torch.from_numpy(host_u).to(dev)
             rows = self.n_labeled + rank * n + torch.arange(n, device=dev)
-            batch.u = Images(self.train_store.gather(host), rows, self.n_unlabeled, universe, start=self.n_labeled)
+            batch.u = Images(self.train_store.gather(host_u), rows, self.n_unlabeled, universe, start=self.n_labeled)
             batch.idx_u, y_u = idx_u, self.train_y[idx_u]
         self.prefetch(self.step + 1)
         return batch, y_u
 
+    def rank_indices(self, step: int) -> tuple:
+        """This rank's slice of step `step`'s labeled and unlabeled indices (None where the
+        method draws none): the rows `rank * n` to `(rank + 1) * n` of the global batch."""
+        ranks, rank, out = self.world.size, self.world.rank, []
+        for stream, total in ((self.labeled, self.n_labeled), (self.unlabeled, self.n_unlabeled)):
+            n = total // ranks
+            out.append(stream.at(step)[rank * n:(rank + 1) * n] if total else None)
+        return tuple(out)
+
     def prefetch(self, step: int) -> None:
         """The store reads step `step`'s images while this step trains (the streams know them)."""
-        if step >= self.cfg["steps"]:
-            return
-        ranks, rank, parts = self.world.size, self.world.rank, []
-        for stream, total in ((self.labeled, self.n_labeled), (self.unlabeled, self.n_unlabeled)):
-            if total:
-                n = total // ranks
-                parts.append(stream.at(step)[rank * n:(rank + 1) * n])
-        self.train_store.prefetch(*parts)
+        if step < self.cfg["steps"]:
+            self.train_store.prefetch(*(p for p in self.rank_indices(step) if p is not None))
 
     def train_step(self) -> None:
         self.model.train()

@@ -101,12 +101,8 @@ def check_store(cfg: dict[str, Any], data) -> str:
     the on-disk cache that ImageNet and `--image-side` build."""
     import numpy as np
     from bench.store import choose
-    kind = choose(cfg["store"], data.train_x.nbytes + data.test_x.nbytes, pick_device(cfg["device"]),
+    return choose(cfg["store"], data.train_x.nbytes + data.test_x.nbytes, pick_device(cfg["device"]),
                   isinstance(data.train_x, np.memmap))
-    if kind == "streamed" and not isinstance(data.train_x, np.memmap):
-        raise UsageError(f"--store streamed: {cfg['dataset']} is decoded in memory, not cached on disk; give "
-                         f"--image-side to build an on-disk cache, or use --store resident")
-    return kind
 
 
 def step_counts(cfg: dict[str, Any], method_cls, prefix: str) -> list[tuple[str, int]]:

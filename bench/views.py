@@ -145,8 +145,8 @@ class Views:
 
     def _erase(self, d: Draws, img: Tensor) -> Tensor:
         """Random erasing with probability erase_prob: a box of 2-33 % of the area, aspect
-        0.3..3.3, filled with one random colour per channel, U[-2, 2] in normalised units (timm's
-        'pixel' mode draws a normal value per pixel; a per-image colour needs no per-pixel draws)."""
+        0.3..3.3, filled with one random colour per channel, U[-2, 2] in normalised units (as
+        timm's 'rand' mode, which draws it normal; a per-image colour needs no per-pixel draws)."""
         n, _, h, w = img.shape
         on = d.uniform() < self.erase_prob
         area = (0.02 + (1 / 3 - 0.02) * d.uniform()) * h * w

@@ -41,6 +41,9 @@ def choose(kind: str, nbytes: int, device: torch.device, on_disk: bool = True) -
     (`on_disk` False) is already resident in host memory, so `auto` keeps it so."""
     if kind not in STORES:
         raise UsageError(f"--store {kind!r}: use one of {', '.join(STORES)}")
+    if kind == "streamed" and not on_disk:
+        raise UsageError("--store streamed needs an on-disk image cache; this source is decoded in memory "
+                         "(give --image-side to build one, or use --store resident)")
     if kind != "auto":
         return kind
     return "resident" if not on_disk or nbytes <= memory_budget(device) else "streamed"
@@ -49,9 +52,4 @@ def choose(kind: str, nbytes: int, device: torch.device, on_disk: bool = True) -
 def open_store(images: np.ndarray, device: torch.device, kind: str):
     """A store over `images` (an array, or a memory-mapped one) of the kind `kind` resolves to."""
     chosen = choose(kind, images.nbytes, device, isinstance(images, np.memmap))
-    if chosen == "resident":
-        return ResidentStore(images, device)
-    if not isinstance(images, np.memmap):
-        raise UsageError("--store streamed needs an on-disk image cache; this source is decoded in memory "
-                         "(give --image-side to build one, or use --store resident)")
-    return StreamedStore(images, device)
+    return ResidentStore(images, device) if chosen == "resident" else StreamedStore(images, device)
