@@ -244,14 +244,20 @@ def cmd_tune(argv: Sequence[str]) -> int:
     parser.add_argument("--data", default=None, help="dataset archive or folder, as `bench run --data`")
     parser.add_argument("--preset", default=None, help="preset the trials start from; the best parameters "
                         "are written on top of it (default: none)")
-    parser.add_argument("--trials", type=int, default=20, help="trials to run (default 20); a rerun adds "
-                        "trials to the same search")
+    parser.add_argument("--trials", type=int, default=20, help="finished (complete or pruned) trials the "
+                        "search should hold (default 20); a rerun runs only the missing ones")
     parser.add_argument("--space", default=None, help="search space YAML: {option: {low, high, log} | "
                         "{choices: [...]}} (default: the method's built-in space)")
     parser.add_argument("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user@host/db "
                         "(default: the journal file <results-dir>/studies/optuna.journal)")
     parser.add_argument("--results-dir", default="results", help="output root: the trials' runs/ and the "
                         "best preset in tuned/ (default: results)")
+    parser.add_argument("--report-dir", default=None, type=Path, help="keep the search in REPORT_DIR/tune/"
+                        "<method>-<dataset>-<preset>/: its journal (the default storage then), trials.csv, "
+                        "history, curves and importance figures, best.yaml (how results/published/ is made)")
+    parser.add_argument("--heartbeat", type=float, default=30.0, help="seconds between a running trial's "
+                        "heartbeats; a trial silent for 4 of them belonged to a dead tuner and is retried "
+                        "(default 30)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show each trial's progress bar")
     add_set_argument(parser)

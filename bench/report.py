@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from optuna.trial import TrialState
 
 from bench import compare
 from bench.io import atomic_write_text
 from bench.method import get_method
+from bench.records import finished_trials, save as save_records, val_images
 from bench.studies import Cell, StudySpec
 
 RESULTS = ("test_acc", "test_acc_ema", "test_acc_selected", "val_acc", "val_acc_ema", "selected_val_acc", "minutes",
@@ -34,11 +34,7 @@ PERCENT = {"pl_rate", "pl_precision"}  # stored as fractions, shown as percentag
 def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.DataFrame:
     """One row per cell: its axes, variant, seed and, where a COMPLETE run exists, its numbers,
     its pseudo-label health and where it came from (commit, versions, device)."""
-    first: dict[str, Any] = {}
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        key = t.user_attrs.get("cell")
-        if t.state == TrialState.COMPLETE and key is not None and key not in first:
-            first[key] = t
+    first = finished_trials(study)
     rows = []
     for cell in cells:
         row: dict[str, Any] = {"method": cell.method, **dict(cell.axes), "variant": cell.variant,
@@ -52,8 +48,9 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
                 metrics = _json(run_dir / "metrics.json")
                 row.update(run_id=run_dir.name, trial=trial.number, **{k: result.get(k) for k in RESULTS})
                 row.update({k: _tail_mean(metrics, name, result.get("steps")) for k, name in HEALTH.items()})
+                row.update(gate_of(metrics))
                 row.update(budget_of(result, cell.method))
-                row["val_images"] = len(_json(run_dir / "split.json").get("val") or []) or None
+                row["val_images"] = val_images(run_dir)
                 row.update(provenance(record))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -211,7 +208,7 @@ def report_dir(spec: StudySpec, results_dir: Path, dataset: str, preset: str | N
 def write_report(spec: StudySpec, study, cells: list[Cell], results_dir: Path, dataset: str,
                  preset: str | None, under: Path | None = None) -> Path:
     """Write runs.csv, summary.csv, table.{csv,md,tex}, budget.csv, differences.csv,
-    figure.{png,pdf}, curves.{png,pdf}."""
+    health.csv, figure.{png,pdf}, curves.{png,pdf}, and runs/: the record of every finished run shown."""
     out = report_dir(spec, results_dir, dataset, preset, under)
     df = collect(spec, study, cells, results_dir)
     summary = summarise(df, spec)
@@ -228,19 +225,61 @@ def write_report(spec: StudySpec, study, cells: list[Cell], results_dir: Path, d
         text += f"\nBudget: {spec.budget}\n"
     if spec.axes and len(budget):
         text += "\n" + markdown(budget, "Budget per cell (steps per stage, images drawn, forward-pass images)")
+    health = health_table(df, spec)
+    if len(health) and (spec.axes or "gate first opens at step (per seed)" in health):
+        text += "\n" + markdown(health, "Pseudo-labels per cell (admission and precision over the last tenth of "
+                                         "training; the gate's decisions on validation)")
     if len(diffs):
         text += "\n" + compare.markdown(diffs)
     atomic_write_text(out / "runs.csv", df.to_csv(index=False))
     atomic_write_text(out / "summary.csv", shown.to_csv(index=False))
     atomic_write_text(out / "table.csv", table.to_csv())
     atomic_write_text(out / "budget.csv", budget.to_csv())
+    atomic_write_text(out / "health.csv", health.to_csv())
     atomic_write_text(out / "differences.csv", diffs.to_csv(index=False))
     atomic_write_text(out / "table.md", text)
     atomic_write_text(out / "table.tex", latex(table, title))
     from bench.figures import curves_figure, study_figure
     study_figure(summary, refs, spec, out / "figure", title)
     curves_figure(df, results_dir, out / "curves", f"{spec.name} on {dataset}: training curves")
+    save_records(study, cells, results_dir, out)
     return out
+
+
+def gate_of(metrics: dict) -> dict[str, float]:
+    """A gated run's first open decision (inf: it never opened) and the share of its decisions
+    that were open; nothing for a run without a gate."""
+    series = metrics.get("gate.open") or {}
+    decisions = [v >= 0.5 for v in series.get("values") or []]
+    if not decisions:
+        return {}
+    opened = [s for s, o in zip(series["steps"], decisions) if o]
+    return {"gate_open_step": float(opened[0]) if opened else math.inf,
+            "gate_open_share": sum(decisions) / len(decisions)}
+
+
+def health_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
+    """Per group, labelled as in the budget table: pseudo-label admission and precision over the
+    last tenth of training (mean over seeds) and, for a gated method, each seed's first open
+    gate decision and the share of decisions that were open."""
+    rows = []
+    gated = "gate_open_step" in df and df["gate_open_step"].notna().any()
+    for _, g in df.groupby("group", sort=False):
+        first, done = g.iloc[0], g.dropna(subset=["run_id"])
+        label = first["method"] + (f" [{first['variant']}]" if isinstance(first["variant"], str) else "")
+        label += "".join(f" {a}={first[a]}" for a in spec.axes)
+        row = {"label": label}
+        for col, title in (("pl_rate", "admission %"), ("pl_precision", "precision %")):
+            m, sd, n = _stats(done[col]) if col in done else (math.nan, math.nan, 0)
+            row[title] = fmt(100 * m, 100 * sd, n)
+        if gated:
+            steps = done["gate_open_step"].dropna() if "gate_open_step" in done else pd.Series(dtype=float)
+            row["gate first opens at step (per seed)"] = " / ".join(
+                "never" if math.isinf(v) else f"{v:,.0f}" for v in steps) or "—"
+            share = _stats(done["gate_open_share"])[0] if len(steps) else math.nan
+            row["gate open (% of decisions)"] = "—" if math.isnan(share) else f"{100 * share:.0f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("label") if rows else pd.DataFrame()
 
 
 def _json(path: Path) -> dict:

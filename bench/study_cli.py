@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from bench.config import DATASETS
 from bench.data import load_for, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
 from bench.runner import check_feasible, check_world
-from bench.report import write_report
+from bench.records import recorded_seeds, restore
+from bench.report import report_dir, write_report
 from bench.studies import StudySpec, load_study, parse_values
 from bench.sweep import Sweep, default_storage, open_storage, read_board, study_name
 from bench.tracking import prepare_runs_dir
@@ -68,6 +70,9 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
                       workers=args.workers, heartbeat=args.heartbeat, progress=args.progress,
                       gpus_per_trial=args.gpus_per_trial)
+        # finished cells recorded in the report folder (another session's, another machine's) count as done
+        restore(sweep.study, spec, cells, results_dir, report_dir(spec, results_dir, dataset, preset, args.report_dir),
+                lambda c: spec.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}))
         # the seeds a full report lists: a cut to some seeds never shrinks what earlier runs hold
         sweep.study.set_user_attr("seeds", max(sweep.study.user_attrs.get("seeds", 0),
                                                max(c.seed for c in cells) + 1))
@@ -126,26 +131,55 @@ def spec_names(specs: dict) -> str:
 
 
 def report_study(args: argparse.Namespace) -> int:
+    """Report from the study's store and from the run records in its report folders; the store
+    is only read (records fill an in-memory copy, and need no config check: a report shows the
+    runs it holds, each with its config in runs.csv)."""
     spec = _spec(args)
     results_dir = Path(args.results_dir)
     url = args.storage or default_storage(results_dir)
-    if "://" not in url and not Path(url).exists():
-        raise UsageError(f"no study store at {url}; run `bench study {spec.name}` first or pass "
-                         f"--results-dir / --storage")
-    storage = open_storage(url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-             if s.study_name.startswith(f"{spec.name}:")]
-    wanted = [n for n in names if (args.dataset is None or n.split(":")[1] == args.dataset)
-              and (args.preset is None or n.split(":")[2] == args.preset)]
-    if not wanted:
-        raise UsageError(f"no runs of study {spec.name} in {url}"
-                         f"{' for ' + args.dataset if args.dataset else ''}; run `bench study` first")
-    for name in wanted:
-        _, dataset, preset = name.split(":", 2)
-        study = optuna.load_study(study_name=name, storage=storage)
-        seeds = study.user_attrs.get("seeds")
+    stored: dict[tuple[str, str], str] = {}
+    if "://" in url or Path(url).exists():
+        storage = open_storage(url)
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            if s.study_name.startswith(f"{spec.name}:"):
+                _, dataset, preset = s.study_name.split(":", 2)
+                if (args.dataset is None or dataset == args.dataset) and (args.preset is None or preset == args.preset):
+                    stored[(dataset, preset)] = s.study_name
+    recorded = _recorded(spec, results_dir, args)
+    targets = list(stored) + [t for t in recorded if t not in stored]
+    if not targets:
+        raise UsageError(f"no runs of study {spec.name} in {url}{' for ' + args.dataset if args.dataset else ''} "
+                         f"and no run records under {report_dir(spec, results_dir, 'x', None, args.report_dir).parent}; "
+                         f"run `bench study {spec.name}` first or pass --results-dir / --storage / --report-dir")
+    for dataset, preset in targets:
         dspec = spec.for_dataset(dataset)
-        out = write_report(dspec, study, dspec.cells(seeds), results_dir, dataset,
-                           None if preset == "default" else preset, args.report_dir)
-        print(f"report of {name}: {out}")
+        name_preset = None if preset == "default" else preset
+        study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+        seeds = 0
+        if (dataset, preset) in stored:
+            source = optuna.load_study(study_name=stored[(dataset, preset)], storage=storage)
+            seeds = source.user_attrs.get("seeds", 0)
+            for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=t.value,
+                                                          user_attrs=t.user_attrs))
+        folder = report_dir(dspec, results_dir, dataset, name_preset, args.report_dir)
+        seeds = max(seeds, recorded_seeds(folder))
+        cells = dspec.cells(seeds or None)
+        restore(study, dspec, cells, results_dir, folder, None)
+        out = write_report(dspec, study, cells, results_dir, dataset, name_preset, args.report_dir)
+        print(f"report of {study_name(dspec, dataset, name_preset)}: {out}")
     return 0
+
+
+def _recorded(spec: StudySpec, results_dir: Path, args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(dataset, preset) of every report folder of this study that holds run records, as
+    --dataset / --preset select them."""
+    under = report_dir(spec, results_dir, "x", None, args.report_dir).parent
+    out = []
+    for folder in sorted(under.glob("*-*")) if under.is_dir() else []:
+        dataset, _, preset = folder.name.partition("-")
+        if not any((folder / "runs").glob("*.json")) or dataset not in DATASETS:
+            continue
+        if (args.dataset is None or dataset == args.dataset) and (args.preset is None or preset == Path(args.preset).stem):
+            out.append((dataset, args.preset or preset))
+    return out

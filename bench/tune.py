@@ -4,16 +4,25 @@ Each trial is one tracked Sacred run (in this process) whose validation accuracy
 at every evaluation, so the median pruner stops hopeless trials early. The objective is the
 validation accuracy of the checkpoint selected on validation; the test set plays no part. The
 best parameters are printed and written as a preset file that `bench run --preset FILE` takes.
+
+`--trials N` is the number of finished (complete or pruned) trials the search should hold: a
+rerun, on this machine or any other that has its storage, runs only the missing ones. With
+`--report-dir DIR` the search lives in `DIR/tune/<method>-<dataset>-<preset>/` (its Optuna
+journal, every trial as a table, history, curves and importance figures, the best preset), so a
+search kept in git spans sessions. A trial whose tuner died (no heartbeat) is failed and retried.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
+from optuna.trial import TrialState
 
 from bench.config import all_options, load_preset, method_layer, resolve
 from bench.errors import NonFiniteLoss, UsageError
@@ -22,6 +31,7 @@ from bench.method import get_method
 from bench.provenance import redact
 from bench.sweep import default_storage, open_storage
 from bench.tracking import prepare_runs_dir
+from bench.tune_report import write_search_report
 
 # name: (low, high, log) for floats; lists are categorical choices. Only the options a method
 # has are searched; label smoothing only where no confidence threshold depends on it.
@@ -105,17 +115,21 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if not space:
         raise UsageError(f"nothing to search for {method_cls.name}; pass --space FILE")
     if args.trials < 1:
-        raise UsageError("--trials must be >= 1")
+        raise UsageError("--trials must be >= 1; it is the number of finished trials the search should hold")
     cli = {**overrides, "dataset": args.dataset, "results_dir": args.results_dir, "progress": args.progress,
            **({"data": args.data} if args.data else {})}
     base = resolve(method_cls, preset=args.preset, cli=cli)  # reject bad input before anything is written
     check_space(method_cls, base, space, options, args.preset, cli)
     prepare_runs_dir(args.results_dir)
-    url = args.storage or default_storage(args.results_dir)
     name = f"tune:{method_cls.name}:{args.dataset}:{args.preset or 'default'}"
+    folder = search_dir(args, method_cls.name)
+    url = args.storage or (str(folder / "search.journal") if args.report_dir else default_storage(args.results_dir))
     study = optuna.create_study(study_name=name, storage=open_storage(url), load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+    if args.heartbeat <= 0:
+        raise UsageError("--heartbeat must be > 0 seconds; fix the value")
+    fail_stale(study, 4 * args.heartbeat)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space, options)
@@ -126,14 +140,19 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
-        run_id, result = execute(cfg, on_validation=report,
-                                 info={"optuna": {"study": name, "trial": trial.number, "storage": redact(url)}})
+        with heartbeat(study, trial, args.heartbeat):
+            run_id, result = execute(cfg, on_validation=report,
+                                     info={"optuna": {"study": name, "trial": trial.number, "storage": redact(url)}})
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("test_acc_selected", result["test_acc_selected"])  # recorded, never optimised
         return result["selected_val_acc"]
 
-    study.optimize(objective, n_trials=args.trials, catch=(NonFiniteLoss,))
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    held = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+    if held < args.trials:
+        print(f"search {name}: {held} of {args.trials} trials finished; running {args.trials - held}; "
+              f"storage {redact(url)}")
+        study.optimize(objective, n_trials=args.trials - held, catch=(NonFiniteLoss,))
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not finished:
         print(f"no trial of {name} completed; see the failed runs under {args.results_dir}/runs")
         return 1
@@ -144,9 +163,55 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     header = (f"# bench tune {method_cls.name} --dataset {args.dataset} --preset {args.preset}: trial "
               f"{best.number}, validation accuracy {best.value:.2f}\n")
     atomic_write_text(out, header + yaml.safe_dump(preset, sort_keys=True))
+    if args.report_dir:
+        atomic_write_text(folder / "best.yaml", header + yaml.safe_dump(preset, sort_keys=True))
+    written = write_search_report(study, folder)
     print(f"best of {len(study.trials)} trials (trial {best.number}, validation accuracy {best.value:.2f}):")
     for k, v in best.params.items():
         print(f"  {k}: {v}")
     print(f"preset written to {out}; use it with `bench run {method_cls.name} --preset {out}`")
-    print(f"browse the search: optuna-dashboard {redact(url)}")
+    print(f"the search's trials and figures ({', '.join(w for w in written if not w.endswith('.pdf'))}) are in "
+          f"{folder}; browse it: optuna-dashboard {redact(url)}")
     return 0
+
+
+def search_dir(args: argparse.Namespace, method: str) -> Path:
+    """Where a search's record lives: <report-dir>/tune/<method>-<dataset>-<preset>/, or
+    <results-dir>/tuned/<method>-<dataset>-<preset>/ without --report-dir."""
+    stem = f"{method}-{args.dataset}-{Path(args.preset).stem if args.preset else 'default'}"
+    return Path(args.report_dir) / "tune" / stem if args.report_dir else Path(args.results_dir) / "tuned" / stem
+
+
+class heartbeat:
+    """Refreshes a running trial's heartbeat, so that another tuner can tell a dead one's trial."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float) -> None:
+        self.study, self.trial, self.interval, self.stop = study, trial, interval, threading.Event()
+
+    def beat(self) -> None:
+        while True:
+            try:
+                self.study._storage.set_trial_system_attr(self.trial._trial_id, "heartbeat", time.time())
+            except Exception:  # a storage hiccup must not kill the trial; the next beat retries
+                pass
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self.beat, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def fail_stale(study: optuna.Study, grace: float) -> None:
+    """Fail every RUNNING trial whose heartbeat stopped (its tuner was killed), so that `--trials`
+    counts it as missing."""
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if now - t.system_attrs.get("heartbeat", 0) > grace:
+            study._storage.set_trial_user_attr(t._trial_id, "reason", "tuner lost: no heartbeat")
+            study.tell(t.number, state=TrialState.FAIL)

@@ -144,6 +144,68 @@ def test_a_study_cut_on_the_command_line_runs_the_same_cells_a_full_run_reuses(t
     assert len(runs) == 5 and runs.count(("fixmatch", 0.004)) == 1  # the cut's cell was reused, not rerun
 
 
+def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_path):
+    """The report folder is all another machine needs: its run records rebuild the report and
+    count as finished cells, while a record whose config no longer matches runs again."""
+    study, published = tmp_path / "one.yaml", tmp_path / "published"
+    study.write_text("methods: [supervised]\naxes: {lr: {values: [0.002, 0.004]}}\nseeds: 1\n")
+    base = ["study", str(study), "--dataset", "synthetic", *FAST, "--report-dir", str(published)]
+    first = bench([*base, "--results-dir", str(tmp_path / "a")], tmp_path / "cache", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = published / "one" / "synthetic-smoke"
+    records = sorted((folder / "runs").glob("*.json"))
+    assert [r.name for r in records] == ["supervised+lr=0.002+seed=0.json", "supervised+lr=0.004+seed=0.json"]
+    summary = pd.read_csv(folder / "summary.csv")
+    runs_csv = pd.read_csv(folder / "runs.csv")
+
+    # a fresh clone: no stores, only the folder; the report rebuilds to the same numbers and curves
+    for name in ("summary.csv", "runs.csv", "curves.png"):
+        (folder / name).unlink()
+    rebuilt = bench(["report", str(study), "--results-dir", str(tmp_path / "b"), "--report-dir", str(published)],
+                    tmp_path / "cache")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "summary.csv"), summary)
+    again = pd.read_csv(folder / "runs.csv")
+    for column in ("test_acc", "pl_rate", "val_images", "commit", "steps", "seed", "lr"):
+        pd.testing.assert_series_equal(again[column], runs_csv[column])
+    assert (folder / "curves.png").stat().st_size > 0
+    assert [r.read_text() for r in records] == [r.read_text() for r in sorted((folder / "runs").glob("*.json"))]
+
+    # a study on yet another machine runs only the cell the records lack
+    grown = bench([*base, "--results-dir", str(tmp_path / "c"), "--values", "lr=0.002,0.003"], tmp_path / "cache",
+                  timeout=600)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "1 finished cell(s) restored" in grown.stdout
+    assert [load_json(r / "config.json")["lr"] for r in run_dirs(tmp_path / "c")] == [0.003]
+    grown_summary = pd.read_csv(folder / "summary.csv").set_index("lr")
+    assert sorted(grown_summary.index) == [0.002, 0.003]
+    assert grown_summary.loc[0.002, "mean"] == summary.set_index("lr").loc[0.002, "mean"]
+
+    # another study whose cell is the same run (same config) takes that run's record, not a rerun
+    other = tmp_path / "other.yaml"
+    other.write_text("methods: [supervised]\nfixed: {lr: 0.004}\nseeds: 1\n")
+    shared = bench(["study", str(other), "--dataset", "synthetic", *FAST, "--report-dir", str(published),
+                    "--results-dir", str(tmp_path / "c")], tmp_path / "cache", timeout=600)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    assert "one/synthetic-smoke held the same runs" in shared.stdout and len(run_dirs(tmp_path / "c")) == 1
+    assert pd.read_csv(published / "other" / "synthetic-smoke" / "summary.csv")["mean"].tolist() == \
+        [summary.set_index("lr").loc[0.004, "mean"]]
+
+    # a changed recipe makes a record stale: it is named, and its cell runs again
+    changed = bench([*base[:-2], "--set", "steps=30", "--report-dir", str(published), "--results-dir",
+                     str(tmp_path / "d"), "--values", "lr=0.002"], tmp_path / "cache", timeout=600)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "supervised|lr=0.002|seed=0 (steps=20, now 30)" in changed.stdout
+    assert [load_json(r / "config.json")["steps"] for r in run_dirs(tmp_path / "d")] == [30]
+    assert load_json(folder / "runs" / "supervised+lr=0.002+seed=0.json")["files"]["config.json"]["steps"] == 30
+
+    # a damaged record stops the report in one line that names it
+    records[1].write_text("{not json")
+    bad = bench(["report", str(study), "--results-dir", str(tmp_path / "e"), "--report-dir", str(published)],
+                tmp_path / "cache")
+    assert bad.returncode == 2 and records[1].name in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path):
     study, results = write_study(tmp_path, seeds=1, lrs=(0.002, 1e30)), tmp_path / "results"
     out = bench(["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)],
@@ -304,10 +366,10 @@ def test_study_bad_input(tmp_path, capsys, monkeypatch):
 def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {low: 0.001, high: 0.004, log: true}\nlabel_smoothing: {choices: [0.0, 0.1]}\n")
-    results = tmp_path / "results"
-    out = bench(["tune", "supervised", "--preset", "smoke", "--trials", "3", "--space", str(space),
-                 "--set", "steps=20", "--set", "eval_every=10", "--results-dir", str(results), "--no-progress"],
-                tmp_path / "cache", timeout=600)
+    results, published = tmp_path / "results", tmp_path / "published"
+    args = ["tune", "supervised", "--preset", "smoke", "--space", str(space), "--set", "steps=20",
+            "--set", "eval_every=10", "--results-dir", str(results), "--no-progress", "--report-dir", str(published)]
+    out = bench([*args, "--trials", "3"], tmp_path / "cache", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     preset = results / "tuned" / "supervised-synthetic.yaml"
     import yaml
@@ -317,6 +379,33 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
                  "--no-progress"], tmp_path / "cache")
     assert run.returncode == 0, run.stderr[-2000:]
     assert load_json(run_dirs(tmp_path / "r2")[0] / "config.json")["lr"] == values["lr"]
+
+    # the search lives in its folder: trials, figures, best preset; a rerun adds only what --trials lacks
+    folder = published / "tune" / "supervised-synthetic-smoke"
+    assert yaml.safe_load((folder / "best.yaml").read_text()) == values
+    frame = pd.read_csv(folder / "trials.csv")
+    assert len(frame) == 3 and set(frame["state"]) <= {"COMPLETE", "PRUNED"}
+    assert frame["params_lr"].between(0.001, 0.004).all()
+    for name in ("history.png", "curves.png", "importance.png"):
+        assert (folder / name).stat().st_size > 0, name
+    assert len(run_dirs(results)) == 3
+    again = bench([*args, "--trials", "4"], tmp_path / "cache", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 of 4 trials finished; running 1" in again.stdout
+    assert len(run_dirs(results)) == 4 and len(pd.read_csv(folder / "trials.csv")) == 4
+
+    # a tuner killed mid-trial: its trial goes silent, is failed on the next start, and retried
+    proc = start_bench([*args, "--set", "steps=2000", "--trials", "5", "--heartbeat", "0.5"], tmp_path / "cache")
+    deadline = time.time() + 300
+    while len(run_dirs(results)) < 5:
+        assert time.time() < deadline and proc.poll() is None, "the fifth trial did not start"
+        time.sleep(0.2)
+    kill(proc, signal.SIGKILL)
+    time.sleep(2.5)
+    resumed = bench([*args, "--trials", "5", "--heartbeat", "0.5"], tmp_path / "cache", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    states = pd.read_csv(folder / "trials.csv")["state"].tolist()
+    assert states.count("FAIL") == 1 and sum(s in ("COMPLETE", "PRUNED") for s in states) == 5
 
 
 def test_study_shows_the_running_cells_step_accuracy_and_eta(tmp_path):

@@ -3,10 +3,12 @@ run that executes it (through the same `--study-layer` the study's workers pass 
 and where an axis is a mechanism, the run behaves differently (a higher mask ratio masks more
 patches, a higher gate threshold opens the gate later, a larger label fraction labels more)."""
 import json
+import math
 
 import pytest
 import yaml
 
+from bench.report import gate_of
 from bench.studies import load_study, study_names
 from helpers import smoke_trainer
 
@@ -66,7 +68,13 @@ def first_open(tiny_data, tmp_path, threshold):
                       gate_threshold=threshold, confidence=0.3, gate_min_confident=1,
                       log=lambda k, v, step: logged.append((k, v, step)))
     t.run(progress=False)
-    return next((step for k, v, step in logged if k == "gate.open" and v == 1.0), None)
+    first = next((step for k, v, step in logged if k == "gate.open" and v == 1.0), None)
+    # the report reads the same step from the run's curves (metrics.json's layout)
+    decisions = [(step, v) for k, v, step in logged if k == "gate.open"]
+    gate = gate_of({"gate.open": {"steps": [s for s, _ in decisions], "values": [v for _, v in decisions]}})
+    assert gate["gate_open_step"] == (first if first is not None else math.inf)
+    assert gate["gate_open_share"] == pytest.approx(sum(v for _, v in decisions) / len(decisions))
+    return first
 
 
 def test_a_higher_gate_threshold_opens_the_gate_later(tiny_data, tmp_path):
