@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -188,16 +189,22 @@ def _put_back(results_dir: Path, record: dict, path: Path) -> str:
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
     run_id = f"record-{digest}"
     final = Path(results_dir) / "runs" / run_id
-    tmp = final.with_name(f".{run_id}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, content in record["files"].items():
-        if content:
-            (tmp / name).write_text(json.dumps(content, indent=2))
-    (tmp / RESTORED).write_text(json.dumps({"from": str(path), "run_id": record.get("run_id"),
-                                            "val_images": record.get("val_images")}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if (final / RESTORED).is_file():  # content-named: put back before (by this or another worker)
+        return run_id
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}.", dir=final.parent))
+    try:
+        for name, content in record["files"].items():
+            if content:
+                (tmp / name).write_text(json.dumps(content, indent=2))
+        (tmp / RESTORED).write_text(json.dumps({"from": str(path), "run_id": record.get("run_id"),
+                                                "val_images": record.get("val_images")}, indent=2))
+        tmp.rename(final)
+    except OSError:
+        if not (final / RESTORED).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return run_id
 
 

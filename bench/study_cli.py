@@ -61,6 +61,13 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
                 raise UsageError(f"cell {cell.key}: {e}") from None
     prepare_runs_dir(results_dir)
     storage = args.storage or default_storage(results_dir)
+    for dataset in datasets:  # finished cells recorded in the report folder (another session's, machine's) count as done
+        spec_d = specs[dataset]
+        study = optuna.create_study(study_name=study_name(spec_d, dataset, preset), storage=open_storage(storage),
+                                    load_if_exists=True, direction="maximize")
+        restore(study, spec_d, spec_d.cells(args.seeds), results_dir,
+                report_dir(spec_d, results_dir, dataset, preset, args.report_dir),
+                lambda c, s=spec_d, d=dataset: s.config(c, d, preset, {**cli, "results_dir": str(results_dir)}))
     if args.launcher == "slurm":
         return run_on_slurm(args, argv or [], specs, storage, results_dir, preset)
     interrupted = None
@@ -70,9 +77,6 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
                       workers=args.workers, heartbeat=args.heartbeat, progress=args.progress,
                       gpus_per_trial=args.gpus_per_trial)
-        # finished cells recorded in the report folder (another session's, another machine's) count as done
-        restore(sweep.study, spec, cells, results_dir, report_dir(spec, results_dir, dataset, preset, args.report_dir),
-                lambda c: spec.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}))
         # the seeds a full report lists: a cut to some seeds never shrinks what earlier runs hold
         sweep.study.set_user_attr("seeds", max(sweep.study.user_attrs.get("seeds", 0),
                                                max(c.seed for c in cells) + 1))
