@@ -84,14 +84,17 @@ def save(study, cells: list[Cell], results_dir: Path, folder: Path) -> int:
 
 
 def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder: Path,
-            config_of: Callable[[Cell], dict[str, Any]] | None, log: Callable[[str], None] = print) -> int:
+            config_of: Callable[[Cell], dict[str, Any]] | None, log: Callable[[str], None] = print,
+            check_own: bool = True) -> int:
     """Put back, as finished trials with their run directories, the records of `cells` that this
     study has not finished; return how many were put back.
 
     With `config_of`, a record counts only if its config equals `config_of(cell)` on every key
     that changes a result, and a cell without a record of its own takes the record of the same
     run from another study's folder beside this one (e.g. `label_fraction` at 0.1 and the
-    benchmark at 0.1 are one run). Without it, every record of the folder is put back as it is."""
+    benchmark at 0.1 are one run). Without it, or with `check_own` off (a report shows the runs
+    its folder holds, each with its config in runs.csv), the folder's own records are put back as
+    they are."""
     done = finished_trials(study)
     shelf = _Shelf(Path(folder).parents[1], Path(folder)) if config_of is not None else None
     restored, shared, stale, seeds = 0, set(), [], 0
@@ -101,7 +104,7 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
         now = identity(config_of(cell)) if config_of is not None else None
         path = record_path(folder, cell.key)
         record = _load(path) if path.is_file() else None
-        if record is not None and now is not None:
+        if record is not None and now is not None and check_own:
             then = identity(record["files"].get("config.json") or {})
             diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
             if diff:

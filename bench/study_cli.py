@@ -136,8 +136,9 @@ def spec_names(specs: dict) -> str:
 
 def report_study(args: argparse.Namespace) -> int:
     """Report from the study's store and from the run records in its report folders; the store
-    is only read (records fill an in-memory copy, and need no config check: a report shows the
-    runs it holds, each with its config in runs.csv)."""
+    is only read (records fill an in-memory copy). The folder's own records need no config check
+    (a report shows the runs it holds, each with its config in runs.csv); a cell they lack takes
+    the same run from another study's records when its config equals the cell's at the preset."""
     spec = _spec(args)
     results_dir = Path(args.results_dir)
     url = args.storage or default_storage(results_dir)
@@ -151,6 +152,8 @@ def report_study(args: argparse.Namespace) -> int:
                     stored[(dataset, preset)] = s.study_name
     recorded = _recorded(spec, results_dir, args)
     targets = list(stored) + [t for t in recorded if t not in stored]
+    if not targets and args.dataset and args.preset:  # no runs of its own: other studies' records may hold them
+        targets = [(args.dataset, args.preset)]
     if not targets:
         raise UsageError(f"no runs of study {spec.name} in {url}{' for ' + args.dataset if args.dataset else ''} "
                          f"and no run records under {report_dir(spec, results_dir, 'x', None, args.report_dir).parent}; "
@@ -169,7 +172,12 @@ def report_study(args: argparse.Namespace) -> int:
         folder = report_dir(dspec, results_dir, dataset, name_preset, args.report_dir)
         seeds = max(seeds, recorded_seeds(folder))
         cells = dspec.cells(seeds or None)
-        restore(study, dspec, cells, results_dir, folder, None)
+        restore(study, dspec, cells, results_dir, folder,
+                lambda c, d=dspec, ds=dataset, p=name_preset: d.config(c, ds, p, {"results_dir": str(results_dir)}),
+                check_own=False)
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            raise UsageError(f"no finished runs of study {spec.name} on {dataset} ({preset}) in {url} or in any "
+                             f"run records under {folder.parents[1]}; run `bench study {spec.name}` first")
         out = write_report(dspec, study, cells, results_dir, dataset, name_preset, args.report_dir)
         print(f"report of {study_name(dspec, dataset, name_preset)}: {out}")
     return 0

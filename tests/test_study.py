@@ -191,6 +191,19 @@ def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_p
     assert pd.read_csv(published / "other" / "synthetic-smoke" / "summary.csv")["mean"].tolist() == \
         [summary.set_index("lr").loc[0.004, "mean"]]
 
+    # `bench report` too shows, for a cell its folder lacks, the same run (at the preset) from another folder
+    plain, same = tmp_path / "plain.yaml", tmp_path / "same.yaml"
+    plain.write_text("methods: [supervised]\nseeds: 1\n")
+    same.write_text("methods: [supervised]\nfixed: {lr: 0.002}\nseeds: 1\n")  # smoke's own lr: one run
+    ran = bench(["study", str(plain), "--dataset", "synthetic", "--preset", "smoke", "--no-progress",
+                 "--report-dir", str(published), "--results-dir", str(tmp_path / "p")], tmp_path / "cache", timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    shown = bench(["report", str(same), "--dataset", "synthetic", "--preset", "smoke", "--report-dir", str(published),
+                   "--results-dir", str(tmp_path / "q")], tmp_path / "cache")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert pd.read_csv(published / "same" / "synthetic-smoke" / "summary.csv")["mean"].tolist() == \
+        pd.read_csv(published / "plain" / "synthetic-smoke" / "summary.csv")["mean"].tolist()
+
     # a changed recipe makes a record stale: it is named, and its cell runs again
     changed = bench([*base[:-2], "--set", "steps=30", "--report-dir", str(published), "--results-dir",
                      str(tmp_path / "d"), "--values", "lr=0.002"], tmp_path / "cache", timeout=600)
