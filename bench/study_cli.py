@@ -155,9 +155,11 @@ def report_study(args: argparse.Namespace) -> int:
     if not targets and args.dataset and args.preset:  # no runs of its own: other studies' records may hold them
         targets = [(args.dataset, args.preset)]
     if not targets:
-        raise UsageError(f"no runs of study {spec.name} in {url}{' for ' + args.dataset if args.dataset else ''} "
-                         f"and no run records under {report_dir(spec, results_dir, 'x', None, args.report_dir).parent}; "
-                         f"run `bench study {spec.name}` first or pass --results-dir / --storage / --report-dir")
+        where = f"runs of study {spec.name} in {url}" if ("://" in url or Path(url).exists()) \
+            else f"study store at {url}"
+        raise UsageError(f"no {where}{' for ' + args.dataset if args.dataset else ''} and no run records under "
+                         f"{report_dir(spec, results_dir, 'x', None, args.report_dir).parent}; run "
+                         f"`bench study {spec.name}` first or pass --results-dir / --storage / --report-dir")
     for dataset, preset in targets:
         dspec = spec.for_dataset(dataset)
         name_preset = None if preset == "default" else preset
