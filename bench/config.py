@@ -260,6 +260,12 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED}
 
 
+def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys on which two configs' identities differ, sorted."""
+    a, b = identity(a), identity(b)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def synthetic_params(cfg: dict[str, Any]) -> dict[str, int]:
     return {"classes": cfg["synthetic_classes"], "size": cfg["synthetic_size"],
             "train_per_class": cfg["synthetic_train_per_class"],

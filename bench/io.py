@@ -66,3 +66,12 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON file's object, or {} where it is missing or unreadable (a run still being written)."""
+    import json
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -24,9 +24,9 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import TrialState
 
-from bench.config import identity
+from bench.config import differing_keys, identity
 from bench.errors import UsageError
-from bench.io import atomic_write_text
+from bench.io import atomic_write_text, read_json
 from bench.studies import Cell, StudySpec
 
 FILES = ("run.json", "metrics.json", "config.json", "info.json")
@@ -70,11 +70,11 @@ def save(study, cells: list[Cell], results_dir: Path, folder: Path) -> int:
         run_dir = Path(results_dir) / "runs" / str(run_id)
         if not run_id or not (run_dir / "run.json").is_file():
             continue
-        origin = _read(run_dir / RESTORED)
+        origin = read_json(run_dir / RESTORED)
         record = {"cell": cell.key, "run_id": origin.get("run_id", str(run_id)), "value": trial.value,
                   "val_images": val_images(run_dir),
                   "trial": {k: v for k, v in trial.user_attrs.items() if k not in ("run_id", "restored_from")},
-                  "files": {name: _read(run_dir / name) for name in FILES}}
+                  "files": {name: read_json(run_dir / name) for name in FILES}}
         text = json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
         path = record_path(folder, cell.key)
         if not path.is_file() or path.read_text() != text:
@@ -106,7 +106,7 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
         record = _load(path) if path.is_file() else None
         if record is not None and now is not None and check_own:
             then = identity(record["files"].get("config.json") or {})
-            diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+            diff = differing_keys(now, then)
             if diff:
                 stale.append(f"{cell.key} ({', '.join(f'{k}={then.get(k)!r}, now {now.get(k)!r}' for k in diff[:3])})")
                 record = None
@@ -225,8 +225,3 @@ def _compatible(study, distributions: dict) -> bool:
     return True
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -7,7 +7,6 @@ atomically.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from bench import compare
-from bench.io import atomic_write_text
+from bench.io import atomic_write_text, read_json
 from bench.method import get_method
 from bench.records import finished_trials, save as save_records, val_images
 from bench.studies import Cell, StudySpec
@@ -42,10 +41,10 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
         trial = first.get(cell.key)
         if trial is not None and trial.user_attrs.get("run_id"):
             run_dir = results_dir / "runs" / str(trial.user_attrs["run_id"])
-            record = _json(run_dir / "run.json")
+            record = read_json(run_dir / "run.json")
             if record.get("status") == "COMPLETED":
                 result = record.get("result") or {}
-                metrics = _json(run_dir / "metrics.json")
+                metrics = read_json(run_dir / "metrics.json")
                 row.update(run_id=run_dir.name, trial=trial.number, **{k: result.get(k) for k in RESULTS})
                 row.update({k: _tail_mean(metrics, name, result.get("steps")) for k, name in HEALTH.items()})
                 row.update(gate_of(metrics))
@@ -280,13 +279,6 @@ def health_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
             row["gate open (% of decisions)"] = "—" if math.isnan(share) else f"{100 * share:.0f}"
         rows.append(row)
     return pd.DataFrame(rows).set_index("label") if rows else pd.DataFrame()
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _tail_mean(metrics: dict, name: str, steps: int | None) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from bench import checkpoint
-from bench.config import identity
+from bench.config import differing_keys
 from bench.data import load_for, prepare_cache_dir
 from bench.distributed import broadcast, world
 from bench.distributed.faults import recording_failure
@@ -64,8 +64,7 @@ def check_feasible(cfg: dict[str, Any], data, cache_dir: Path):
 def check_resumable(cfg: dict[str, Any], run_dir: Path) -> int:
     """The checkpoint step to resume `run_dir` from; UsageError when it cannot be resumed."""
     stored = json.loads((run_dir / "config.json").read_text())
-    diff = sorted(k for k in set(identity(cfg)) | set(identity(stored))
-                  if identity(cfg).get(k) != identity(stored).get(k))
+    diff = differing_keys(cfg, stored)
     if diff:
         shown = ", ".join(f"{k}={stored.get(k)!r} (now {cfg.get(k)!r})" for k in diff[:4])
         raise UsageError(f"cannot resume run {run_dir.name}: its config differs in {shown}; "

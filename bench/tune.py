@@ -116,6 +116,8 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise UsageError(f"nothing to search for {method_cls.name}; pass --space FILE")
     if args.trials < 1:
         raise UsageError("--trials must be >= 1; it is the number of finished trials the search should hold")
+    if args.heartbeat <= 0:
+        raise UsageError("--heartbeat must be > 0 seconds; fix the value")
     cli = {**overrides, "dataset": args.dataset, "results_dir": args.results_dir, "progress": args.progress,
            **({"data": args.data} if args.data else {})}
     base = resolve(method_cls, preset=args.preset, cli=cli)  # reject bad input before anything is written
@@ -127,8 +129,6 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     study = optuna.create_study(study_name=name, storage=open_storage(url), load_if_exists=True,
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
-    if args.heartbeat <= 0:
-        raise UsageError("--heartbeat must be > 0 seconds; fix the value")
     fail_stale(study, 4 * args.heartbeat)
 
     def objective(trial: optuna.Trial) -> float:
