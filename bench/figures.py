@@ -29,7 +29,7 @@ def save(fig, stem: Path) -> None:
     plt.close(fig)
 
 
-def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, stem: Path, title: str) -> None:
+def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, stem: Path, title: str) -> plt.Figure:
     fig_spec = spec.figure or {}
     kind = fig_spec.get("kind", "line" if spec.axes else "bar")
     ok = summary[summary["n"] > 0]
@@ -64,13 +64,16 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:  # an empty report (nothing finished yet) has none
             ax.legend(fontsize=7)
-        if with_precision:
+        if with_precision:  # admission beside precision, on 0-100 % with seed spread: a flat line reads flat
             pax = axes[0, 1]
-            for key, g in ok.groupby(hue, sort=False):
+            for colour, (key, g) in zip(sns.color_palette(), ok.groupby(hue, sort=False)):
                 g = g.sort_values(x)
-                pax.plot(g[x].astype(float), 100 * g["pl_precision_mean"], marker="o", label=str(key))
+                for name, style, what in (("pl_precision", "-", "precision"), ("pl_rate", "--", "admitted")):
+                    pax.errorbar(g[x].astype(float), 100 * g[f"{name}_mean"], yerr=100 * g[f"{name}_std"].fillna(0),
+                                 marker="o", capsize=3, linestyle=style, color=colour, label=f"{key}: {what}")
+            pax.set_ylim(0, 100)
             pax.set_xlabel(x)
-            pax.set_ylabel("pseudo-label precision (%)")
+            pax.set_ylabel("pseudo-labels, last tenth of training (%)")
             pax.legend(fontsize=7)
     missing = summary[summary["n"] == 0]
     if len(missing):  # failed cells are shown as missing, never as zero
@@ -78,6 +81,7 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
                  fontsize=7, color="firebrick")
     fig.suptitle(title, fontsize=9)
     save(fig, stem)
+    return fig
 
 
 def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str) -> plt.Figure:

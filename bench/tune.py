@@ -166,13 +166,39 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.report_dir:
         atomic_write_text(folder / "best.yaml", header + yaml.safe_dump(preset, sort_keys=True))
     written = write_search_report(study, folder)
+    comparison = write_comparison(folder, method_cls.name, args, overrides, best.params)
     print(f"best of {len(study.trials)} trials (trial {best.number}, validation accuracy {best.value:.2f}):")
     for k, v in best.params.items():
         print(f"  {k}: {v}")
     print(f"preset written to {out}; use it with `bench run {method_cls.name} --preset {out}`")
     print(f"the search's trials and figures ({', '.join(w for w in written if not w.endswith('.pdf'))}) are in "
           f"{folder}; browse it: optuna-dashboard {redact(url)}")
+    data = f" --data {args.data}" if args.data else ""
+    report = f" --report-dir {args.report_dir}" if args.report_dir else ""
+    print(f"compare it with the preset it started from, paired by seed on test accuracy:\n"
+          f"  bench study {comparison} --dataset {args.dataset}{data}{report}")
     return 0
+
+
+def write_comparison(folder: Path, method: str, args: argparse.Namespace, overrides: dict[str, Any],
+                     params: dict[str, Any]) -> Path:
+    """A study file beside the search: the method as its preset runs it (variant `preset`) against
+    the same runs with the best trial's parameters (variant `tuned`, what best.yaml resolves to),
+    paired by seed. The parameters were chosen on validation; here the test set only evaluates.
+    The `preset` cells are the preset's own runs, so a published study's records supply them."""
+    spec = {
+        "description": f"{method} tuned by `bench tune` (variant tuned: best.yaml's parameters) against the "
+                       f"preset it searched from (variant preset), paired by seed; chosen on validation only.",
+        "methods": [method], "datasets": [args.dataset], "fixed": dict(overrides),
+        "variants": {"preset": {}, "tuned": dict(params)}, "seeds": 2, "metric": "test_acc",
+        "compare_to": {"variant": "preset"}, "figure": {"kind": "bar"},
+        "budget": "equal: both variants run the preset's steps; the search's own trials (trials.csv) come on "
+                  "top of the tuned variant",
+        **({"preset": args.preset} if args.preset else {}),
+    }
+    path = folder / f"tuned_{method}.yaml"
+    atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def search_dir(args: argparse.Namespace, method: str) -> Path:

@@ -1,11 +1,14 @@
-"""The study report's curves figure: one colour per method across its panels."""
+"""The study report's figures: one colour per method (or setting) across their panels."""
 import json
 
 import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from bench.figures import curves_figure
+from pathlib import Path
+
+from bench.figures import curves_figure, study_figure
+from bench.studies import StudySpec
 
 STEPS = [100, 200, 300]
 
@@ -39,3 +42,29 @@ def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_p
     # settings that are just the method names get no second legend of dashes
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["supervised", "fixmatch"]
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "curves.pdf").stat().st_size > 0
+
+
+def line_colour(ax, xs, ys, style):
+    for line in ax.get_lines():
+        if np.allclose(line.get_xdata(), xs) and np.allclose(line.get_ydata(), ys) and line.get_linestyle() == style:
+            return to_hex(line.get_color())
+    raise AssertionError(f"no {style} line plots {ys}")
+
+
+def test_the_precision_panel_shows_admission_beside_precision_on_the_full_scale(tmp_path):
+    spec = StudySpec(name="gate", path=Path("gate.yaml"), methods=["ssmae"], metric="test_acc_ema",
+                     axes={"gate_threshold": {"values": [60, 80]}, "confidence": {"values": [0.7, 0.8]}},
+                     figure={"kind": "line", "x": "gate_threshold", "hue": "confidence", "precision": True})
+    summary = pd.DataFrame({"method": "ssmae", "gate_threshold": [60, 80, 60, 80], "confidence": [0.7, 0.7, 0.8, 0.8],
+                            "variant": None, "mean": [51.6, 51.7, 50.0, 50.5], "std": 0.3, "n": 2,
+                            "pl_rate_mean": [0.117, 0.058, 0.05, 0.02], "pl_rate_std": 0.01,
+                            "pl_precision_mean": [0.826, 0.830, 0.9, 0.91], "pl_precision_std": 0.015})
+    fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
+    acc, pls = fig.axes[:2]
+    assert pls.get_ylim() == (0, 100)  # a 0.4-point wiggle in precision must not fill the panel
+    for conf, rows in ((0.7, slice(0, 2)), (0.8, slice(2, 4))):
+        colour = line_colour(acc, [60, 80], summary["mean"][rows], "-")
+        assert line_colour(pls, [60, 80], 100 * summary["pl_precision_mean"][rows], "-") == colour
+        assert line_colour(pls, [60, 80], 100 * summary["pl_rate_mean"][rows], "--") == colour
+    assert line_colour(acc, [60, 80], summary["mean"][0:2], "-") != line_colour(acc, [60, 80], summary["mean"][2:4], "-")
+    assert (tmp_path / "figure.png").stat().st_size > 0

@@ -402,15 +402,39 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     for name in ("history.png", "curves.png", "importance.png"):
         assert (folder / name).stat().st_size > 0, name
     assert len(run_dirs(results)) == 3
+
+    # the comparison study beside it: variant `preset` is the preset's own run, `tuned` what best.yaml runs
+    from bench.config import differing_keys, resolve
+    from bench.method import get_method
+    from bench.studies import load_study
+    compare = folder / "tuned_supervised.yaml"
+    assert f"bench study {compare}" in out.stdout
+    spec = load_study(str(compare))
+    assert spec.compare_to == {"variant": "preset"} and spec.seeds == 2 and spec.metric == "test_acc"
+    configs = {}
+    for cell in spec.cells():
+        configs[cell.variant, cell.seed] = cfg = spec.config(cell, "synthetic", spec.preset, {})
+        own = {"preset": str(preset)} if cell.variant == "tuned" else {
+            "preset": "smoke", "cli": {"steps": 20, "eval_every": 10}}
+        want = resolve(get_method("supervised"), preset=own["preset"],
+                       cli={**own.get("cli", {}), "seed": cell.seed, "dataset": "synthetic"})
+        assert differing_keys(cfg, want) == [], cell
+    assert "lr" in differing_keys(configs["tuned", 0], configs["preset", 0])
+    paired = bench(["study", str(compare), "--values", "seed=0", "--results-dir", str(results), "--no-progress",
+                    "--report-dir", str(published)], tmp_path / "cache", timeout=600)
+    assert paired.returncode == 0, paired.stderr[-3000:]
+    diffs = pd.read_csv(published / "tuned_supervised" / "synthetic-smoke" / "differences.csv")
+    assert "tuned" in " ".join(diffs.astype(str).values.ravel()), diffs
+    assert len(run_dirs(results)) == 5
     again = bench([*args, "--trials", "4"], tmp_path / "cache", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 of 4 trials finished; running 1" in again.stdout
-    assert len(run_dirs(results)) == 4 and len(pd.read_csv(folder / "trials.csv")) == 4
+    assert len(run_dirs(results)) == 6 and len(pd.read_csv(folder / "trials.csv")) == 4
 
     # a tuner killed mid-trial: its trial goes silent, is failed on the next start, and retried
     proc = start_bench([*args, "--set", "steps=2000", "--trials", "5", "--heartbeat", "0.5"], tmp_path / "cache")
     deadline = time.time() + 300
-    while len(run_dirs(results)) < 5:
+    while len(run_dirs(results)) < 7:
         assert time.time() < deadline and proc.poll() is None, "the fifth trial did not start"
         time.sleep(0.2)
     kill(proc, signal.SIGKILL)
