@@ -19,7 +19,8 @@ from bench.studies import StudySpec
 CURVES = [(("val_acc_ema",), "validation accuracy (EMA) %"),
           (("train.pl_rate",), "pseudo-label admission rate"),
           (("train.pl_precision",), "pseudo-label precision"),
-          (("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view)")]
+          (("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view)"),
+          (("train.loss_sup",), "labeled loss (CE, training views)")]
 
 
 def save(fig, stem: Path) -> None:
@@ -85,7 +86,8 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
 
 
 def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str) -> plt.Figure:
-    """Per group (mean over seeds): validation accuracy, admission rate and precision vs step.
+    """Per group (mean over seeds): validation accuracy, admission rate, precision, teacher
+    confidence and labeled loss vs step.
     A method keeps one colour (and a setting one dash) in every panel, including the panels
     that only the semi-supervised methods appear in."""
     frames = []
@@ -100,7 +102,7 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
                 frames.append(pd.DataFrame({"step": series["steps"], "value": series["values"], "metric": names[0],
                                             "method": row["method"], "setting": row["group"].split("|", 1)[-1]}))
     sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(20, 4))
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 4))
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "metric", "method", "setting"])
     methods = list(dict.fromkeys(data["method"]))
     palette = dict(zip(methods, sns.color_palette(n_colors=max(1, len(methods)))))

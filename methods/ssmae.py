@@ -110,7 +110,9 @@ class SSMAE(Method):
         images = Images.cat(batch.l, batch.u)
         loss_rec = self.reconstruction_loss(self.views.labeled(images, cfg["mae_view"]), images, cfg["mask_ratio"])
         loss = cfg["lambda_rec"] * loss_rec + cfg["lambda_cls"] * loss_cls
-        return loss, {"loss_cls": loss_cls.detach(), "loss_rec": loss_rec.detach()}
+        # logged apart: the labeled images' CE, comparable with the other methods' loss_sup
+        return loss, {"loss_cls": loss_cls.detach(), "loss_rec": loss_rec.detach(),
+                      "loss_sup": ce[: len(batch.y_l)].mean().detach()}
 
     def on_validation(self, val, step: int) -> dict[str, float]:
         source = val["raw"] if self.cfg["gate_split"] == "val" else self.evaluate_indices(self.data.labeled)

@@ -31,7 +31,7 @@ def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_p
     results = tmp_path / "results"
     write_run(results, 1, {"val_acc_ema": [30.0, 40.0, 50.0]})
     write_run(results, 2, {"val_acc_ema": [31.0, 42.0, 53.0], "train.pl_rate": [0.1, 0.2, 0.3],
-                           "train.pl_precision": [0.7, 0.75, 0.8]})
+                           "train.pl_precision": [0.7, 0.75, 0.8], "train.loss_sup": [2.0, 1.5, 1.2]})
     runs = pd.DataFrame({"run_id": [1, 2], "method": ["supervised", "fixmatch"], "group": ["supervised", "fixmatch"]})
     fig = curves_figure(runs, results, tmp_path / "curves", "t")
     val, rate, precision = fig.axes[:3]
@@ -39,6 +39,7 @@ def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_p
     assert fixmatch != colour_of(val, [30.0, 40.0, 50.0])
     assert colour_of(rate, [0.1, 0.2, 0.3]) == fixmatch
     assert colour_of(precision, [0.7, 0.75, 0.8]) == fixmatch
+    assert colour_of(fig.axes[4], [2.0, 1.5, 1.2]) == fixmatch and "labeled loss" in fig.axes[4].get_title()
     # settings that are just the method names get no second legend of dashes
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["supervised", "fixmatch"]
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "curves.pdf").stat().st_size > 0

@@ -105,10 +105,17 @@ def test_ssmae_forwards_unlabeled_images_for_its_loss_only_once_the_gate_has_ope
     assert seen == [len(batch.l)]                      # shut since the start: labeled images only
     t.evaluate()                                       # validation high-confidence accuracy >= 0 opens it
     assert m.gate.is_open and m.gate.has_opened
+    m.train_step(batch)                                # open: confidence 0 admits every image
     m.gate.is_open = False                             # shut again: the memory keeps what it admitted
     seen.clear()
-    m.train_step(batch)
+    logits = []
+    t.model.register_forward_hook(lambda module, args, out: logits.append(out.detach().float()))
+    _, logs = m.train_step(batch)
     assert seen == [len(batch.l) + len(batch.u)]
+    # the labeled loss is logged apart from the joint CE, which also holds the admitted images
+    labeled = F.cross_entropy(logits[0][: len(batch.l)], batch.y_l)
+    torch.testing.assert_close(logs["loss_sup"], labeled)
+    assert (m.memory.lookup(batch.idx_u) >= 0).any() and not torch.isclose(logs["loss_cls"], labeled)
 
 
 def test_ssmae_training_never_reads_test_labels(tiny_data, tmp_path):
