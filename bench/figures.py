@@ -116,6 +116,9 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
                          palette=palette, style="setting" if styled else None,
                          style_order=[s for s in settings if s in set(d["setting"])] if styled else None,
                          ax=ax, errorbar="sd", legend=ax is axes[0])
+        else:  # e.g. runs recorded before a method logged it: say so rather than draw an empty frame
+            ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=8, color="grey")
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("")
     if axes[0].get_legend():
