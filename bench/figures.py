@@ -52,10 +52,12 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
     else:
         x = fig_spec.get("x") or next(iter(spec.axes))
         hue = fig_spec.get("hue") or "method"
-        for key, g in ok.groupby(hue, sort=False):
+        groups = list(ok.groupby(hue, sort=False))
+        colours = dict(zip([k for k, _ in groups], sns.color_palette(n_colors=max(1, len(groups)))))  # both panels
+        for key, g in groups:
             g = g.sort_values(x)
             ax.errorbar(g[x].astype(float), g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
-                        label=f"{hue}={key}" if hue != "method" else str(key))
+                        color=colours[key], label=f"{hue}={key}" if hue != "method" else str(key))
         if len(refs):
             for key, g in refs.groupby("method", sort=False):
                 ax.plot(g[x].astype(float), g["mean"], linestyle="--", marker="x", label=str(key))
@@ -67,11 +69,11 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             ax.legend(fontsize=7)
         if with_precision:  # admission beside precision, on 0-100 % with seed spread: a flat line reads flat
             pax = axes[0, 1]
-            for colour, (key, g) in zip(sns.color_palette(), ok.groupby(hue, sort=False)):
+            for key, g in groups:
                 g = g.sort_values(x)
                 for name, style, what in (("pl_precision", "-", "precision"), ("pl_rate", "--", "admitted")):
                     pax.errorbar(g[x].astype(float), 100 * g[f"{name}_mean"], yerr=100 * g[f"{name}_std"].fillna(0),
-                                 marker="o", capsize=3, linestyle=style, color=colour, label=f"{key}: {what}")
+                                 marker="o", capsize=3, linestyle=style, color=colours[key], label=f"{key}: {what}")
             pax.set_ylim(0, 100)
             pax.set_xlabel(x)
             pax.set_ylabel("pseudo-labels, last tenth of training (%)")

@@ -1,11 +1,10 @@
 """The study report's figures: one colour per method (or setting) across their panels."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
-
-from pathlib import Path
 
 from bench.figures import curves_figure, study_figure
 from bench.studies import StudySpec
@@ -19,12 +18,13 @@ def write_run(results, run_id, metrics):
     (run / "metrics.json").write_text(json.dumps({k: {"steps": STEPS, "values": v} for k, v in metrics.items()}))
 
 
-def colour_of(ax, values):
-    """Colour of the line in `ax` that plots `values` over STEPS."""
+def colour_of(ax, values, xs=STEPS, style=None):
+    """Colour of the line in `ax` that plots `values` over `xs` (with line style `style`, if given)."""
     for line in ax.get_lines():
-        if np.allclose(line.get_xdata(), STEPS) and np.allclose(line.get_ydata(), values):
+        if (np.allclose(line.get_xdata(), xs) and np.allclose(line.get_ydata(), values)
+                and style in (None, line.get_linestyle())):
             return to_hex(line.get_color())
-    raise AssertionError(f"no line plots {values}")
+    raise AssertionError(f"no {style or ''} line plots {values}")
 
 
 def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_path):
@@ -45,13 +45,6 @@ def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_p
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "curves.pdf").stat().st_size > 0
 
 
-def line_colour(ax, xs, ys, style):
-    for line in ax.get_lines():
-        if np.allclose(line.get_xdata(), xs) and np.allclose(line.get_ydata(), ys) and line.get_linestyle() == style:
-            return to_hex(line.get_color())
-    raise AssertionError(f"no {style} line plots {ys}")
-
-
 def test_the_precision_panel_shows_admission_beside_precision_on_the_full_scale(tmp_path):
     spec = StudySpec(name="gate", path=Path("gate.yaml"), methods=["ssmae"], metric="test_acc_ema",
                      axes={"gate_threshold": {"values": [60, 80]}, "confidence": {"values": [0.7, 0.8]}},
@@ -64,8 +57,8 @@ def test_the_precision_panel_shows_admission_beside_precision_on_the_full_scale(
     acc, pls = fig.axes[:2]
     assert pls.get_ylim() == (0, 100)  # a 0.4-point wiggle in precision must not fill the panel
     for conf, rows in ((0.7, slice(0, 2)), (0.8, slice(2, 4))):
-        colour = line_colour(acc, [60, 80], summary["mean"][rows], "-")
-        assert line_colour(pls, [60, 80], 100 * summary["pl_precision_mean"][rows], "-") == colour
-        assert line_colour(pls, [60, 80], 100 * summary["pl_rate_mean"][rows], "--") == colour
-    assert line_colour(acc, [60, 80], summary["mean"][0:2], "-") != line_colour(acc, [60, 80], summary["mean"][2:4], "-")
+        colour = colour_of(acc, summary["mean"][rows], [60, 80], "-")
+        assert colour_of(pls, 100 * summary["pl_precision_mean"][rows], [60, 80], "-") == colour
+        assert colour_of(pls, 100 * summary["pl_rate_mean"][rows], [60, 80], "--") == colour
+    assert colour_of(acc, summary["mean"][0:2], [60, 80], "-") != colour_of(acc, summary["mean"][2:4], [60, 80], "-")
     assert (tmp_path / "figure.png").stat().st_size > 0
