@@ -8,6 +8,7 @@ atomically.
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,7 @@ def budget_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
         # what checkpoint selection (and SSMAE's gate) read: at small label budgets, a handful
         val = run.get("val_images") if run is not None else None
         row["validation images"] = f"{int(val):,}" if val is not None and pd.notna(val) else "—"
+        row["validation ± (95 %)"] = resolution(done, val)
         if spec.axes:
             minutes, _, n = _stats(done["minutes"]) if "minutes" in done else (math.nan, math.nan, 0)
             stages = _stats(done["stage_minutes"])[0] if "stage_minutes" in done else math.nan
@@ -176,6 +178,19 @@ def budget_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
                 f" (+ {stages:.1f})" if stages and not math.isnan(stages) else "")
         rows.append(row)
     return pd.DataFrame(rows).set_index("label") if rows else pd.DataFrame()
+
+
+def resolution(done: pd.DataFrame, val_images) -> str:
+    """The 95 % half-width, in points, of one validation reading at the cell's selected accuracy
+    over `val_images` images (binomial, normal approximation): two recipes whose validation
+    accuracies differ by less are not told apart by it."""
+    if val_images is None or pd.isna(val_images) or not int(val_images) or "selected_val_acc" not in done:
+        return "—"
+    acc = pd.to_numeric(done["selected_val_acc"], errors="coerce").dropna()
+    if not len(acc):
+        return "—"
+    p = min(max(float(acc.mean()) / 100, 0.0), 1.0)
+    return f"{196 * math.sqrt(p * (1 - p) / int(val_images)):.1f}"
 
 
 def markdown(table: pd.DataFrame, title: str) -> str:
@@ -253,8 +268,16 @@ def gate_of(metrics: dict) -> dict[str, float]:
     if not decisions:
         return {}
     opened = [s for s, o in zip(series["steps"], decisions) if o]
-    return {"gate_open_step": float(opened[0]) if opened else math.inf,
-            "gate_open_share": sum(decisions) / len(decisions)}
+    out = {"gate_open_step": float(opened[0]) if opened else math.inf,
+           "gate_open_share": sum(decisions) / len(decisions)}
+    # what each reading rested on: how many confident validation images, and how many were right
+    counts = (metrics.get("gate.hc_count") or {}).get("values") or []
+    accs = (metrics.get("gate.hc_acc") or {}).get("values") or []
+    if counts:
+        out["gate_confident"] = float(statistics.median(counts))
+    if accs:
+        out["gate_hc_acc"] = sum(accs) / len(accs)
+    return out
 
 
 def health_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
@@ -277,6 +300,10 @@ def health_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
                 "never" if math.isinf(v) else f"{v:,.0f}" for v in steps) or "—"
             share = _stats(done["gate_open_share"])[0] if len(steps) else math.nan
             row["gate open (% of decisions)"] = "—" if math.isnan(share) else f"{100 * share:.0f}"
+            for col, title, digits in (("gate_confident", "gate reads: confident images (median, per seed)", 0),
+                                       ("gate_hc_acc", "gate reads: their accuracy % (mean, per seed)", 1)):
+                values = done[col].dropna() if col in done else []
+                row[title] = " / ".join(f"{v:.{digits}f}" for v in values) or "—"
         rows.append(row)
     return pd.DataFrame(rows).set_index("label") if rows else pd.DataFrame()
 

@@ -4,6 +4,7 @@ and where an axis is a mechanism, the run behaves differently (a higher mask rat
 patches, a higher gate threshold opens the gate later, a larger label fraction labels more)."""
 import json
 import math
+import statistics
 
 import pytest
 import yaml
@@ -70,10 +71,15 @@ def first_open(tiny_data, tmp_path, threshold):
     t.run(progress=False)
     first = next((step for k, v, step in logged if k == "gate.open" and v == 1.0), None)
     # the report reads the same step from the run's curves (metrics.json's layout)
-    decisions = [(step, v) for k, v, step in logged if k == "gate.open"]
-    gate = gate_of({"gate.open": {"steps": [s for s, _ in decisions], "values": [v for _, v in decisions]}})
+    series = {name: [(step, v) for k, v, step in logged if k == name] for name in ("gate.open", "gate.hc_count", "gate.hc_acc")}
+    decisions, counts, accs = (series[n] for n in ("gate.open", "gate.hc_count", "gate.hc_acc"))
+    gate = gate_of({n: {"steps": [s for s, _ in p], "values": [v for _, v in p]} for n, p in series.items()})
     assert gate["gate_open_step"] == (first if first is not None else math.inf)
     assert gate["gate_open_share"] == pytest.approx(sum(v for _, v in decisions) / len(decisions))
+    # what the readings rested on: as many readings of each, the median count and the mean accuracy
+    assert len(counts) == len(accs) == len(decisions)
+    assert gate["gate_confident"] == statistics.median(v for _, v in counts)
+    assert gate["gate_hc_acc"] == pytest.approx(sum(v for _, v in accs) / len(accs))
     return first
 
 
