@@ -275,8 +275,8 @@ def gate_of(metrics: dict) -> dict[str, float]:
     accs = (metrics.get("gate.hc_acc") or {}).get("values") or []
     if counts:
         out["gate_confident"] = float(statistics.median(counts))
-    if accs:
-        out["gate_hc_acc"] = sum(accs) / len(accs)
+    if accs and len(accs) == len(counts) and sum(counts):  # pooled: a reading counts by its images
+        out["gate_hc_acc"] = sum(a * n for a, n in zip(accs, counts)) / sum(counts)
     return out
 
 
@@ -301,7 +301,7 @@ def health_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
             share = _stats(done["gate_open_share"])[0] if len(steps) else math.nan
             row["gate open (% of decisions)"] = "—" if math.isnan(share) else f"{100 * share:.0f}"
             for col, title, digits in (("gate_confident", "gate reads: confident images (median, per seed)", 0),
-                                       ("gate_hc_acc", "gate reads: their accuracy % (mean, per seed)", 1)):
+                                       ("gate_hc_acc", "gate reads: their accuracy % (pooled, per seed)", 1)):
                 values = done[col].dropna() if col in done else []
                 row[title] = " / ".join(f"{v:.{digits}f}" for v in values) or "—"
         rows.append(row)

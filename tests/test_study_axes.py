@@ -76,10 +76,11 @@ def first_open(tiny_data, tmp_path, threshold):
     gate = gate_of({n: {"steps": [s for s, _ in p], "values": [v for _, v in p]} for n, p in series.items()})
     assert gate["gate_open_step"] == (first if first is not None else math.inf)
     assert gate["gate_open_share"] == pytest.approx(sum(v for _, v in decisions) / len(decisions))
-    # what the readings rested on: as many readings of each, the median count and the mean accuracy
+    # what the readings rested on: as many readings of each, the median count, the pooled accuracy
     assert len(counts) == len(accs) == len(decisions)
     assert gate["gate_confident"] == statistics.median(v for _, v in counts)
-    assert gate["gate_hc_acc"] == pytest.approx(sum(v for _, v in accs) / len(accs))
+    pooled = sum(a * n for (_, a), (_, n) in zip(accs, counts)) / sum(n for _, n in counts)
+    assert gate["gate_hc_acc"] == pytest.approx(pooled)
     return first
 
 
