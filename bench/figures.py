@@ -17,10 +17,13 @@ from bench.studies import StudySpec
 # (metric, panel title); a method without the first name of a panel plots the second (SSMAE's
 # teacher only scores new images, logged as `admit_conf`, while its gate is open)
 CURVES = [(("val_acc_ema",), "validation accuracy (EMA) %"),
-          (("train.pl_rate",), "pseudo-label admission rate"),
-          (("train.pl_precision",), "pseudo-label precision"),
-          (("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view)"),
+          (("train.pl_rate",), "pseudo-label admission rate %"),
+          (("train.pl_precision",), "pseudo-label precision %"),
+          (("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view) %"),
           (("train.loss_sup",), "labeled loss (CE, training views)")]
+# logged as fractions, drawn as percent on the full 0-100 scale: a seed band where few images
+# were admitted must not stretch the axis past what a rate can be
+PERCENT = {"train.pl_rate", "train.pl_precision", "train.pl_conf"}
 
 
 def save(fig, stem: Path) -> None:
@@ -71,10 +74,14 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             pax = axes[0, 1]
             for key, g in groups:
                 g = g.sort_values(x)
+                if g["pl_rate_mean"].isna().all():  # a method without pseudo-labels has no line here
+                    continue
                 for name, style, what in (("pl_precision", "-", "precision"), ("pl_rate", "--", "admitted")):
                     pax.errorbar(g[x].astype(float), 100 * g[f"{name}_mean"], yerr=100 * g[f"{name}_std"].fillna(0),
                                  marker="o", capsize=3, linestyle=style, color=colours[key], label=f"{key}: {what}")
             pax.set_ylim(0, 100)
+            if fig_spec.get("logx"):
+                pax.set_xscale("log")
             pax.set_xlabel(x)
             pax.set_ylabel("pseudo-labels, last tenth of training (%)")
             pax.legend(fontsize=7)
@@ -101,7 +108,9 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
         for names, _ in CURVES:
             series = next((metrics[n] for n in names if metrics.get(n)), None)
             if series:
-                frames.append(pd.DataFrame({"step": series["steps"], "value": series["values"], "metric": names[0],
+                scale = 100 if names[0] in PERCENT else 1
+                frames.append(pd.DataFrame({"step": series["steps"], "value": [scale * v for v in series["values"]],
+                                            "metric": names[0],
                                             "method": row["method"], "setting": row["group"].split("|", 1)[-1]}))
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 4))
@@ -123,6 +132,8 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
                     fontsize=8, color="grey")
         ax.set_title(label, fontsize=9)
         ax.set_ylabel("")
+        if name in PERCENT:
+            ax.set_ylim(0, 100)
     if axes[0].get_legend():
         sns.move_legend(axes[0], "upper left", bbox_to_anchor=(0, -0.15), fontsize=6, ncol=2)
     fig.suptitle(title, fontsize=9)

@@ -37,8 +37,9 @@ def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_p
     val, rate, precision = fig.axes[:3]
     fixmatch = colour_of(val, [31.0, 42.0, 53.0])
     assert fixmatch != colour_of(val, [30.0, 40.0, 50.0])
-    assert colour_of(rate, [0.1, 0.2, 0.3]) == fixmatch
-    assert colour_of(precision, [0.7, 0.75, 0.8]) == fixmatch
+    assert colour_of(rate, [10.0, 20.0, 30.0]) == fixmatch           # fractions drawn as percent
+    assert colour_of(precision, [70.0, 75.0, 80.0]) == fixmatch
+    assert rate.get_ylim() == precision.get_ylim() == (0, 100) and "%" in precision.get_title()
     assert colour_of(fig.axes[4], [2.0, 1.5, 1.2]) == fixmatch and "labeled loss" in fig.axes[4].get_title()
     # settings that are just the method names get no second legend of dashes
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["supervised", "fixmatch"]
@@ -62,3 +63,20 @@ def test_the_precision_panel_shows_admission_beside_precision_on_the_full_scale(
         assert colour_of(pls, 100 * summary["pl_rate_mean"][rows], [60, 80], "--") == colour
     assert colour_of(acc, summary["mean"][0:2], [60, 80], "-") != colour_of(acc, summary["mean"][2:4], [60, 80], "-")
     assert (tmp_path / "figure.png").stat().st_size > 0
+
+
+def test_the_precision_panel_shares_the_log_axis_and_leaves_out_methods_without_pseudo_labels(tmp_path):
+    spec = StudySpec(name="lf", path=Path("lf.yaml"), methods=["supervised", "fixmatch"], metric="test_acc_ema",
+                     axes={"label_fraction": {"values": [0.01, 0.1]}},
+                     figure={"kind": "line", "x": "label_fraction", "logx": True, "precision": True})
+    summary = pd.DataFrame({"method": ["supervised", "supervised", "fixmatch", "fixmatch"],
+                            "label_fraction": [0.01, 0.1, 0.01, 0.1], "variant": None,
+                            "mean": [38.1, 50.8, 39.8, 50.0], "std": 0.5, "n": 2,
+                            "pl_rate_mean": [np.nan, np.nan, 0.58, 0.19], "pl_rate_std": [np.nan, np.nan, 0.02, 0.01],
+                            "pl_precision_mean": [np.nan, np.nan, 0.46, 0.78],
+                            "pl_precision_std": [np.nan, np.nan, 0.01, 0.01]})
+    fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
+    acc, pls = fig.axes[:2]
+    assert acc.get_xscale() == pls.get_xscale() == "log"
+    assert [t.get_text() for t in pls.get_legend().get_texts()] == ["fixmatch: precision", "fixmatch: admitted"]
+    assert colour_of(pls, [46.0, 78.0], [0.01, 0.1], "-") == colour_of(acc, [39.8, 50.0], [0.01, 0.1], "-")
