@@ -20,10 +20,14 @@ CURVES = [(("val_acc_ema",), "validation accuracy (EMA) %"),
           (("train.pl_rate",), "pseudo-label admission rate %"),
           (("train.pl_precision",), "pseudo-label precision %"),
           (("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view) %"),
-          (("train.loss_sup",), "labeled loss (CE, training views)")]
+          (("train.loss_sup",), "labeled loss (CE, training views)"),
+          (("gate.hc_acc",), "gate: accuracy of confident validation images %")]
+# logged only by gated methods: drawn only when a run logged it
+OPTIONAL = {"gate.hc_acc"}
 # logged as fractions, drawn as percent on the full 0-100 scale: a seed band where few images
 # were admitted must not stretch the axis past what a rate can be
-PERCENT = {"train.pl_rate", "train.pl_precision", "train.pl_conf"}
+FRACTIONS = {"train.pl_rate", "train.pl_precision", "train.pl_conf"}
+PERCENT = FRACTIONS | {"gate.hc_acc"}
 
 
 def save(fig, stem: Path) -> None:
@@ -108,19 +112,26 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
         for names, _ in CURVES:
             series = next((metrics[n] for n in names if metrics.get(n)), None)
             if series:
-                scale = 100 if names[0] in PERCENT else 1
-                frames.append(pd.DataFrame({"step": series["steps"], "value": [scale * v for v in series["values"]],
+                steps, values = series["steps"], series["values"]
+                if names[0] == "gate.hc_acc":  # a reading with no confident image has no accuracy
+                    c = metrics.get("gate.hc_count") or {}
+                    counts = dict(zip(c.get("steps", []), c.get("values", [])))
+                    kept = [(t, v) for t, v in zip(steps, values) if counts.get(t, 1) > 0]
+                    steps, values = [t for t, _ in kept], [v for _, v in kept]
+                scale = 100 if names[0] in FRACTIONS else 1
+                frames.append(pd.DataFrame({"step": list(steps), "value": [scale * v for v in values],
                                             "metric": names[0],
                                             "method": row["method"], "setting": row["group"].split("|", 1)[-1]}))
-    sns.set_theme(style="whitegrid", context="paper")
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 4))
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "metric", "method", "setting"])
+    panels = [p for p in CURVES if p[0][0] not in OPTIONAL or (data["metric"] == p[0][0]).any()]
+    sns.set_theme(style="whitegrid", context="paper")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     methods = list(dict.fromkeys(data["method"]))
     palette = dict(zip(methods, sns.color_palette(n_colors=max(1, len(methods)))))
     settings = list(dict.fromkeys(data["setting"]))
     # dashes only when a setting is more than its method's name, and no more settings than dash styles
     styled = (data["setting"] != data["method"]).any() and 1 < len(settings) <= 6
-    for ax, ((name, *_), label) in zip(axes, CURVES):
+    for ax, ((name, *_), label) in zip(axes, panels):
         d = data[data["metric"] == name]
         if len(d):
             sns.lineplot(d, x="step", y="value", hue="method", hue_order=[m for m in methods if m in set(d["method"])],

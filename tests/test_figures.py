@@ -41,6 +41,7 @@ def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_p
     assert colour_of(precision, [70.0, 75.0, 80.0]) == fixmatch
     assert rate.get_ylim() == precision.get_ylim() == (0, 100) and "%" in precision.get_title()
     assert colour_of(fig.axes[4], [2.0, 1.5, 1.2]) == fixmatch and "labeled loss" in fig.axes[4].get_title()
+    assert len(fig.axes) == 5  # no run has a gate: no gate panel
     # settings that are just the method names get no second legend of dashes
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["supervised", "fixmatch"]
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "curves.pdf").stat().st_size > 0
@@ -80,3 +81,14 @@ def test_the_precision_panel_shares_the_log_axis_and_leaves_out_methods_without_
     assert acc.get_xscale() == pls.get_xscale() == "log"
     assert [t.get_text() for t in pls.get_legend().get_texts()] == ["fixmatch: precision", "fixmatch: admitted"]
     assert colour_of(pls, [46.0, 78.0], [0.01, 0.1], "-") == colour_of(acc, [39.8, 50.0], [0.01, 0.1], "-")
+
+
+def test_a_gated_run_adds_the_gate_panel_without_readings_that_had_no_confident_image(tmp_path):
+    results = tmp_path / "results"
+    write_run(results, 1, {"val_acc_ema": [30.0, 40.0, 50.0], "gate.hc_acc": [0.0, 46.0, 52.0],
+                           "gate.hc_count": [0.0, 27.0, 31.0]})
+    runs = pd.DataFrame({"run_id": [1], "method": ["ssmae"], "group": ["ssmae"]})
+    fig = curves_figure(runs, results, tmp_path / "curves", "t")
+    gate = fig.axes[5]
+    assert "gate" in gate.get_title() and gate.get_ylim() == (0, 100)
+    assert colour_of(gate, [46.0, 52.0], xs=STEPS[1:]) == colour_of(fig.axes[0], [30.0, 40.0, 50.0])
