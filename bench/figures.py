@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -14,20 +15,39 @@ import seaborn as sns
 from bench.io import atomic_write
 from bench.studies import StudySpec
 
-# (metric, panel title); a method without the first name of a panel plots the second (SSMAE's
-# teacher only scores new images, logged as `admit_conf`, while its gate is open)
-CURVES = [(("val_acc_ema",), "validation accuracy (EMA) %"),
-          (("train.pl_rate",), "pseudo-label admission rate %"),
-          (("train.pl_precision",), "pseudo-label precision %"),
-          (("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view) %"),
-          (("train.loss_sup",), "labeled loss (CE, training views)"),
-          (("gate.hc_acc",), "gate: accuracy of confident validation images %")]
-# logged only by gated methods: drawn only when a run logged it
-OPTIONAL = {"gate.hc_acc"}
-# logged as fractions, drawn as percent on the full 0-100 scale: a seed band where few images
-# were admitted must not stretch the axis past what a rate can be
-FRACTIONS = {"train.pl_rate", "train.pl_precision", "train.pl_conf"}
-PERCENT = FRACTIONS | {"gate.hc_acc"}
+class Panel(NamedTuple):
+    """One curves panel: the metrics it plots (a method without the first plots the next: SSMAE's
+    teacher only scores new images, logged as `admit_conf`, while its gate is open), its title,
+    the factor to percent (None: not a rate, free axis; rates are drawn on 0-100 so a seed band
+    where few images were admitted cannot stretch the axis), and whether it is drawn only when a
+    run logged it."""
+    names: tuple[str, ...]
+    title: str
+    to_percent: float | None = None
+    optional: bool = False
+
+
+CURVES = [Panel(("val_acc_ema",), "validation accuracy (EMA) %"),
+          Panel(("train.pl_rate",), "pseudo-label admission rate %", 100),
+          Panel(("train.pl_precision",), "pseudo-label precision %", 100),
+          Panel(("train.pl_conf", "train.admit_conf"), "mean teacher confidence (weak view) %", 100),
+          Panel(("train.loss_sup",), "labeled loss (CE, training views)"),
+          Panel(("gate.hc_acc",), "gate: accuracy of confident validation images %", 1, optional=True)]
+
+
+def panel_series(metrics: dict, panel: Panel) -> tuple[list, list] | None:
+    """(steps, values in the panel's unit) of the first of its metrics a run logged, or None.
+    A gate reading with no confident image has no accuracy (logged as 0): left out."""
+    name = next((n for n in panel.names if metrics.get(n)), None)
+    if name is None:
+        return None
+    points = list(zip(metrics[name]["steps"], metrics[name]["values"]))
+    if name == "gate.hc_acc":
+        counts = metrics.get("gate.hc_count") or {}
+        counts = dict(zip(counts.get("steps", []), counts.get("values", [])))
+        points = [(t, v) for t, v in points if counts.get(t, 1) > 0]
+    scale = panel.to_percent or 1
+    return [t for t, _ in points], [scale * v for _, v in points]
 
 
 def save(fig, stem: Path) -> None:
@@ -109,21 +129,13 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
             metrics = json.loads((results_dir / "runs" / str(row["run_id"]) / "metrics.json").read_text())
         except (OSError, ValueError):
             continue
-        for names, _ in CURVES:
-            series = next((metrics[n] for n in names if metrics.get(n)), None)
+        for panel in CURVES:
+            series = panel_series(metrics, panel)
             if series:
-                steps, values = series["steps"], series["values"]
-                if names[0] == "gate.hc_acc":  # a reading with no confident image has no accuracy
-                    c = metrics.get("gate.hc_count") or {}
-                    counts = dict(zip(c.get("steps", []), c.get("values", [])))
-                    kept = [(t, v) for t, v in zip(steps, values) if counts.get(t, 1) > 0]
-                    steps, values = [t for t, _ in kept], [v for _, v in kept]
-                scale = 100 if names[0] in FRACTIONS else 1
-                frames.append(pd.DataFrame({"step": list(steps), "value": [scale * v for v in values],
-                                            "metric": names[0],
+                frames.append(pd.DataFrame({"step": series[0], "value": series[1], "metric": panel.names[0],
                                             "method": row["method"], "setting": row["group"].split("|", 1)[-1]}))
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "value", "metric", "method", "setting"])
-    panels = [p for p in CURVES if p[0][0] not in OPTIONAL or (data["metric"] == p[0][0]).any()]
+    panels = [p for p in CURVES if not p.optional or (data["metric"] == p.names[0]).any()]
     sns.set_theme(style="whitegrid", context="paper")
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     methods = list(dict.fromkeys(data["method"]))
@@ -131,8 +143,8 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
     settings = list(dict.fromkeys(data["setting"]))
     # dashes only when a setting is more than its method's name, and no more settings than dash styles
     styled = (data["setting"] != data["method"]).any() and 1 < len(settings) <= 6
-    for ax, ((name, *_), label) in zip(axes, panels):
-        d = data[data["metric"] == name]
+    for ax, panel in zip(axes, panels):
+        d = data[data["metric"] == panel.names[0]]
         if len(d):
             sns.lineplot(d, x="step", y="value", hue="method", hue_order=[m for m in methods if m in set(d["method"])],
                          palette=palette, style="setting" if styled else None,
@@ -141,9 +153,9 @@ def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str)
         else:  # e.g. runs recorded before a method logged it: say so rather than draw an empty frame
             ax.text(0.5, 0.5, "not logged by these runs", ha="center", va="center", transform=ax.transAxes,
                     fontsize=8, color="grey")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(panel.title, fontsize=9)
         ax.set_ylabel("")
-        if name in PERCENT:
+        if panel.to_percent is not None:
             ax.set_ylim(0, 100)
     if axes[0].get_legend():
         sns.move_legend(axes[0], "upper left", bbox_to_anchor=(0, -0.15), fontsize=6, ncol=2)

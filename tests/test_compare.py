@@ -48,10 +48,12 @@ metric: test_acc
                                                "forward_images": 20 * (32 + 2 * 64)}
     assert str(table.loc["fixmatch", "steps (stages + own)"]) == "20"
     val = {len(load_json(r / "split.json")["val"]) for r in run_dirs(results)}   # selection read these
-    assert len(val) == 1 and str(table.loc["fixmatch", "validation images"]) == f"{next(iter(val)):,}"
+    assert len(val) == 1
+    n_val = val.pop()
+    assert str(table.loc["fixmatch", "validation images"]) == f"{n_val:,}"
     # how far apart two validation readings must be to mean anything at that size
     p = sum(runs[("fixmatch", s)]["selected_val_acc"] for s in (0, 1)) / 200
-    half = 196 * math.sqrt(p * (1 - p) / val.pop())
+    half = 196 * math.sqrt(p * (1 - p) / n_val)
     assert float(table.loc["fixmatch", "validation ± (95 %)"]) == pytest.approx(half, abs=0.051)
     # the difference to supervised, paired by seed, with its t-interval
     diffs = pd.read_csv(report / "differences.csv")
