@@ -258,6 +258,9 @@ def cmd_tune(argv: Sequence[str]) -> int:
     parser.add_argument("--heartbeat", type=float, default=30.0, help="seconds between a running trial's "
                         "heartbeats; a trial silent for 4 of them belonged to a dead tuner and is retried "
                         "(default 30)")
+    parser.add_argument("--stop-after", type=float, default=None, metavar="MINUTES", help="start no new "
+                        "trial after this many minutes (the running one finishes); the same command later "
+                        "runs the rest (default: run until --trials are finished)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show each trial's progress bar")
     add_set_argument(parser)

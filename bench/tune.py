@@ -6,7 +6,9 @@ validation accuracy of the checkpoint selected on validation; the test set plays
 best parameters are printed and written as a preset file that `bench run --preset FILE` takes.
 
 `--trials N` is the number of finished (complete or pruned) trials the search should hold: a
-rerun, on this machine or any other that has its storage, runs only the missing ones. With
+rerun, on this machine or any other that has its storage, runs only the missing ones, and
+`--stop-after MINUTES` starts no trial after that long, so a search runs in pieces that fit a
+session or a SLURM time limit. With
 `--report-dir DIR` the search lives in `DIR/tune/<method>-<dataset>-<preset>/` (its Optuna
 journal, every trial as a table, history, curves and importance figures, the best preset), so a
 search kept in git spans sessions. A trial whose tuner died (no heartbeat) is failed and retried.
@@ -116,6 +118,8 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise UsageError(f"nothing to search for {method_cls.name}; pass --space FILE")
     if args.trials < 1:
         raise UsageError("--trials must be >= 1; it is the number of finished trials the search should hold")
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise UsageError("--stop-after must be > 0 minutes; fix the value or leave it out to run every trial")
     if args.heartbeat <= 0:
         raise UsageError("--heartbeat must be > 0 seconds; fix the value")
     cli = {**overrides, "dataset": args.dataset, "results_dir": args.results_dir, "progress": args.progress,
@@ -127,8 +131,11 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     folder = search_dir(args, method_cls.name)
     url = args.storage or (str(folder / "search.journal") if args.report_dir else default_storage(args.results_dir))
     study = optuna.create_study(study_name=name, storage=open_storage(url), load_if_exists=True,
-                                direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
+                                direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+    # seeded by what the storage holds: a search resumed in a new process would otherwise replay
+    # its first trials' random draws and spend trials on configs it already ran
+    study.sampler = optuna.samplers.TPESampler(seed=len(study.get_trials(deepcopy=False)))
     fail_stale(study, 4 * args.heartbeat)
 
     def objective(trial: optuna.Trial) -> float:
@@ -147,11 +154,22 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         trial.set_user_attr("test_acc_selected", result["test_acc_selected"])  # recorded, never optimised
         return result["selected_val_acc"]
 
-    held = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+    held = finished_trials(study)
     if held < args.trials:
         print(f"search {name}: {held} of {args.trials} trials finished; running {args.trials - held}; "
               f"storage {redact(url)}")
-        study.optimize(objective, n_trials=args.trials - held, catch=(NonFiniteLoss,))
+    started = time.monotonic()
+    # one trial at a time, recounting the storage: tuners sharing it stop at --trials together, and
+    # --stop-after ends a session's piece between trials, never inside one. A failed trial uses up
+    # its attempt (as optuna's n_trials counts it), so a method that always diverges cannot loop.
+    for _ in range(args.trials - held):
+        if finished_trials(study) >= args.trials:
+            break
+        if args.stop_after is not None and time.monotonic() - started > 60 * args.stop_after:
+            print(f"stopped after {args.stop_after:g} minutes (--stop-after): {finished_trials(study)} of "
+                  f"{args.trials} trials finished; the same command runs the rest")
+            break
+        study.optimize(objective, n_trials=1, catch=(NonFiniteLoss,))
     finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not finished:
         print(f"no trial of {name} completed; see the failed runs under {args.results_dir}/runs")
@@ -178,6 +196,10 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print(f"compare it with the preset it started from, paired by seed on test accuracy:\n"
           f"  bench study {comparison} --dataset {args.dataset}{data}{report}")
     return 0
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
 
 
 def write_comparison(folder: Path, method: str, args: argparse.Namespace, overrides: dict[str, Any],

@@ -151,6 +151,7 @@ def test_malformed_study_files_are_rejected(tmp_path, capsys, monkeypatch, case)
     (["speed", "--methods", "fixmatc"], "unknown method 'fixmatc'"),
     (["speed", "--steps", "0"], "--steps"),
     (["tune", "supervised", "--trials", "0"], "--trials"),
+    (["tune", "supervised", "--stop-after", "0"], "--stop-after must be > 0"),
 ])
 def test_unknown_names_and_bad_command_flags(tmp_path, capsys, monkeypatch, args, words):
     results = tmp_path / "results"

@@ -426,10 +426,15 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     diffs = pd.read_csv(published / "tuned_supervised" / "synthetic-smoke" / "differences.csv")
     assert diffs["variant"].tolist() == ["tuned"] and diffs["n_pairs"].tolist() == [1], diffs
     assert len(run_dirs(results)) == 5
-    again = bench([*args, "--trials", "4"], tmp_path / "cache", timeout=600)
+    # a piece of a search: --stop-after starts no trial once its minutes are spent (here after the
+    # first); the resumed sampler draws new configs instead of replaying the first process's
+    again = bench([*args, "--trials", "5", "--stop-after", "0.001"], tmp_path / "cache", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "3 of 4 trials finished; running 1" in again.stdout
-    assert len(run_dirs(results)) == 6 and len(pd.read_csv(folder / "trials.csv")) == 4
+    assert "3 of 5 trials finished; running 2" in again.stdout
+    assert "stopped after 0.001 minutes (--stop-after): 4 of 5 trials finished" in again.stdout
+    frame = pd.read_csv(folder / "trials.csv")
+    assert len(run_dirs(results)) == 6 and len(frame) == 4
+    assert frame["params_lr"].iloc[3] not in set(frame["params_lr"].iloc[:3]), frame["params_lr"]
 
     # a tuner killed mid-trial: its trial goes silent, is failed on the next start, and retried
     proc = start_bench([*args, "--set", "steps=2000", "--trials", "5", "--heartbeat", "0.5"], tmp_path / "cache")
