@@ -1,10 +1,10 @@
 """Differences between methods, paired by seed, with their uncertainty.
 
 Two seeds cannot carry a claim about a gap of a point: every report gives each group's
-difference to the study's reference (a method, e.g. supervised, or a variant, e.g. `full`) on
-the study's metric, paired by seed, with a 95 % Student-t interval over the paired differences
-(mean +- t(0.975, n - 1) * sd / sqrt(n)), whether it excludes zero, and how many seeds the
-observed spread needs for an interval that would.
+difference to the study's reference (a method, e.g. supervised; a variant, e.g. `full`; or one
+value of an axis, e.g. the default mask ratio) on the study's metric, paired by seed, with a 95 %
+Student-t interval over the paired differences (mean +- t(0.975, n - 1) * sd / sqrt(n)), whether
+it excludes zero, and how many seeds the observed spread needs for an interval that would.
 """
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from bench.studies import StudySpec
 MAX_SEEDS = 100
 
 
-def reference_of(spec: StudySpec) -> tuple[str, str] | None:
-    """("method", name) or ("variant", name) the study's groups are compared with, or None."""
+def reference_of(spec: StudySpec) -> tuple[str, Any] | None:
+    """("method", name), ("variant", name) or (axis, value) the study's groups are compared
+    with, or None."""
     ref = spec.compare_to
     if isinstance(ref, dict):
         (kind, name), = ref.items()
-        return kind, str(name)
+        return kind, (name if kind in spec.axes else str(name))
     if isinstance(ref, str):
         return "method", ref
     if "supervised" in spec.methods and len(spec.methods) > 1:
@@ -68,9 +69,12 @@ def differences(runs: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
     done = runs.dropna(subset=[metric]).copy()
     done["variant"] = done["variant"].fillna("")
     axes = list(spec.axes)
-    # a run's partner: same seed, same axis values, and the same method (comparing variants) or
-    # the same variant (comparing methods)
-    pair_on = ["seed", *axes] + (["method"] if kind == "variant" else ["variant"])
+    # a run's partner: same seed, same axis values, and the same method (comparing variants), the
+    # same variant (comparing methods), or the same method and variant (comparing an axis's values)
+    if kind in spec.axes:
+        pair_on = ["seed", "method", "variant", *(a for a in axes if a != kind)]
+    else:
+        pair_on = ["seed", *axes] + (["method"] if kind == "variant" else ["variant"])
     is_ref = done[kind] == name
     reference = done[is_ref].set_index(pair_on)[metric]
     rows: list[dict[str, Any]] = []

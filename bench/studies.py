@@ -62,7 +62,7 @@ class StudySpec:
     reference: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     budget: str = ""          # the study's budget policy, one line printed with its report
-    compare_to: Any = None    # the reference of the paired differences: a method, or {variant: name}
+    compare_to: Any = None    # the paired differences' reference: a method, {variant: name} or {axis: value}
     seed_values: list[int] | None = None  # a cut to these seeds (`--values seed=1`), else 0..seeds-1
 
     def cells(self, seeds: int | None = None) -> list[Cell]:
@@ -168,6 +168,12 @@ def study_names() -> list[str]:
     return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
 
 
+def axis_values(spec: dict) -> list:
+    """Every value an axis lists, over the datasets where it lists them per dataset."""
+    values = spec.get("values", [])
+    return [v for vs in values.values() for v in vs] if isinstance(values, dict) else list(values)
+
+
 def load_study(name_or_path: str) -> StudySpec:
     """A shipped study by name, or a study YAML file by path; UsageError on any defect."""
     path = shipped_or_file(STUDY_DIR, name_or_path, "study")
@@ -213,9 +219,11 @@ def load_study(name_or_path: str) -> StudySpec:
     compare_to = raw.get("compare_to")
     if compare_to is not None and not (
             (isinstance(compare_to, str) and compare_to in methods)
-            or (isinstance(compare_to, dict) and len(compare_to) == 1 and compare_to.get("variant") in variants)):
-        raise UsageError(f"{where}: 'compare_to' must name one of the study's methods or be {{variant: NAME}} "
-                         f"of one of its variants")
+            or (isinstance(compare_to, dict) and len(compare_to) == 1 and compare_to.get("variant") in variants)
+            or (isinstance(compare_to, dict) and len(compare_to) == 1 and next(iter(compare_to)) in axes
+                and next(iter(compare_to.values())) in axis_values(axes[next(iter(compare_to))]))):
+        raise UsageError(f"{where}: 'compare_to' must name one of the study's methods, be {{variant: NAME}} of "
+                         f"one of its variants, or {{AXIS: VALUE}} with one of that axis's values")
     return StudySpec(name=path.stem, path=path, methods=[str(m) for m in methods], fixed=raw.get("fixed") or {},
                      axes=axes, variants=variants, seeds=seeds, metric=metric, figure=raw.get("figure") or {},
                      datasets=raw.get("datasets"), preset=raw.get("preset"), reference=raw.get("reference") or {},

@@ -129,6 +129,8 @@ STUDY_FILES = {
     "unknown method": ("methods: [fixmatc]\naxes: {lr: {values: [0.1]}}\n", "unknown method 'fixmatc'"),
     "unknown option": ("methods: [supervised]\naxes: {lrr: {values: [0.1]}}\n", "unknown option 'lrr'"),
     "bad axis value": ("methods: [supervised]\naxes: {lr: {values: [-1]}}\n", "--lr: -1"),
+    "reference off the axis": ("methods: [supervised]\naxes: {lr: {values: [0.1]}}\ncompare_to: {lr: 0.2}\n",
+                               "or {AXIS: VALUE} with one of that axis's values"),
 }
 
 

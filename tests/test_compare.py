@@ -65,6 +65,21 @@ metric: test_acc
     assert "Differences to method supervised" in text and f"{mean:+.2f}" in text
 
 
+def test_an_axis_study_compares_each_value_with_its_reference_value_paired_by_seed(tmp_path):
+    study, results = tmp_path / "lr.yaml", tmp_path / "results"
+    study.write_text("methods: [supervised]\naxes: {lr: {values: [0.001, 0.003]}}\ncompare_to: {lr: 0.003}\n"
+                     "seeds: 2\nmetric: test_acc\n")
+    out = bench(["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results),
+                 "--report-dir", str(tmp_path / "published")], tmp_path / "cache", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    acc = {(load_json(r / "config.json")["lr"], load_json(r / "config.json")["seed"]):
+           load_json(r / "run.json")["result"]["test_acc"] for r in run_dirs(results)}
+    (row,) = pd.read_csv(tmp_path / "published" / "lr" / "synthetic-smoke" / "differences.csv").to_dict("records")
+    mean, low, high = interval([acc[0.001, s] - acc[0.003, s] for s in (0, 1)])
+    assert row["lr"] == 0.001 and row["reference"] == "lr 0.003" and row["n_pairs"] == 2
+    assert (row["diff"], row["ci_low"], row["ci_high"]) == pytest.approx((mean, low, high), nan_ok=True)
+
+
 def test_a_budget_lists_the_stages_in_pipeline_order():
     from bench.report import budget_of
     own = {"steps": 2000, "labeled_images": 64000, "unlabeled_images": 128000, "forward_images": 300000}
