@@ -168,10 +168,18 @@ def study_names() -> list[str]:
     return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
 
 
-def axis_values(spec: dict) -> list:
-    """Every value an axis lists, over the datasets where it lists them per dataset."""
-    values = spec.get("values", [])
-    return [v for vs in values.values() for v in vs] if isinstance(values, dict) else list(values)
+def is_reference(compare_to: Any, methods: list, variants: dict, axes: dict) -> bool:
+    """Whether `compare_to` names a method, {variant: NAME} of a variant, or {AXIS: VALUE} with a
+    value the axis lists (on any dataset, where it lists them per dataset)."""
+    if isinstance(compare_to, str):
+        return compare_to in methods
+    if not (isinstance(compare_to, dict) and len(compare_to) == 1):
+        return False
+    (key, value), = compare_to.items()
+    if key == "variant":
+        return value in variants
+    listed = axes[key].get("values", []) if key in axes else []
+    return value in ([v for vs in listed.values() for v in vs] if isinstance(listed, dict) else listed)
 
 
 def load_study(name_or_path: str) -> StudySpec:
@@ -217,11 +225,7 @@ def load_study(name_or_path: str) -> StudySpec:
     if not isinstance(raw.get("fixed", {}) or {}, dict):
         raise UsageError(f"{where}: 'fixed' must map option names to values")
     compare_to = raw.get("compare_to")
-    if compare_to is not None and not (
-            (isinstance(compare_to, str) and compare_to in methods)
-            or (isinstance(compare_to, dict) and len(compare_to) == 1 and compare_to.get("variant") in variants)
-            or (isinstance(compare_to, dict) and len(compare_to) == 1 and next(iter(compare_to)) in axes
-                and next(iter(compare_to.values())) in axis_values(axes[next(iter(compare_to))]))):
+    if compare_to is not None and not is_reference(compare_to, methods, variants, axes):
         raise UsageError(f"{where}: 'compare_to' must name one of the study's methods, be {{variant: NAME}} of "
                          f"one of its variants, or {{AXIS: VALUE}} with one of that axis's values")
     return StudySpec(name=path.stem, path=path, methods=[str(m) for m in methods], fixed=raw.get("fixed") or {},

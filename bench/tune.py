@@ -8,10 +8,10 @@ best parameters are printed and written as a preset file that `bench run --prese
 `--trials N` is the number of finished (complete or pruned) trials the search should hold: a
 rerun, on this machine or any other that has its storage, runs only the missing ones, and
 `--stop-after MINUTES` starts no trial after that long, so a search runs in pieces that fit a
-session or a SLURM time limit. With
-`--report-dir DIR` the search lives in `DIR/tune/<method>-<dataset>-<preset>/` (its Optuna
-journal, every trial as a table, history, curves and importance figures, the best preset), so a
-search kept in git spans sessions. A trial whose tuner died (no heartbeat) is failed and retried.
+session or a SLURM time limit. With `--report-dir DIR` the search lives in
+`DIR/tune/<method>-<dataset>-<preset>/` (its Optuna journal, every trial as a table, history,
+curves and importance figures, the best preset), so a search kept in git spans sessions. A trial
+whose tuner died (no heartbeat) is failed and retried.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         trial.set_user_attr("test_acc_selected", result["test_acc_selected"])  # recorded, never optimised
         return result["selected_val_acc"]
 
-    held = finished_trials(study)
+    held = held_trials(study)
     if held < args.trials:
         print(f"search {name}: {held} of {args.trials} trials finished; running {args.trials - held}; "
               f"storage {redact(url)}")
@@ -163,11 +163,12 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     # --stop-after ends a session's piece between trials, never inside one. A failed trial uses up
     # its attempt (as optuna's n_trials counts it), so a method that always diverges cannot loop.
     for _ in range(args.trials - held):
-        if finished_trials(study) >= args.trials:
+        held = held_trials(study)
+        if held >= args.trials:
             break
         if args.stop_after is not None and time.monotonic() - started > 60 * args.stop_after:
-            print(f"stopped after {args.stop_after:g} minutes (--stop-after): {finished_trials(study)} of "
-                  f"{args.trials} trials finished; the same command runs the rest")
+            print(f"stopped after {args.stop_after:g} minutes (--stop-after): {held} of {args.trials} trials "
+                  f"finished; the same command runs the rest")
             break
         study.optimize(objective, n_trials=1, catch=(NonFiniteLoss,))
     finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -198,7 +199,8 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
-def finished_trials(study: optuna.Study) -> int:
+def held_trials(study: optuna.Study) -> int:
+    """Trials that count towards --trials: complete or pruned (failed ones are retried)."""
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
 
 
