@@ -25,6 +25,7 @@ from typing import Any
 import optuna
 import yaml
 from optuna.trial import TrialState
+from sacred.utils import SacredInterrupt
 
 from bench.config import all_options, load_preset, method_layer, resolve
 from bench.errors import NonFiniteLoss, UsageError
@@ -109,6 +110,12 @@ def check_space(method_cls, base: dict[str, Any], space: dict[str, Any], options
                              f"the space with --space") from None
 
 
+class Pruned(optuna.TrialPruned, SacredInterrupt):
+    """The pruner stopped the trial: optuna marks it PRUNED, and its Sacred run records PRUNED
+    too rather than FAILED with a traceback, so a browse of the runs shows no false failures."""
+    STATUS = "PRUNED"
+
+
 def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from bench.runner import execute
     method_cls = get_method(args.method)
@@ -145,7 +152,7 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         def report(step: int, val: dict[str, float]) -> None:
             trial.report(max(val["val_acc"], val["val_acc_ema"]), step)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step}")
+                raise Pruned(f"pruned at step {step}")
 
         with heartbeat(study, trial, args.heartbeat):
             run_id, result = execute(cfg, on_validation=report,

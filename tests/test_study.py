@@ -450,6 +450,31 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     assert states.count("FAIL") == 1 and sum(s in ("COMPLETE", "PRUNED") for s in states) == 5
 
 
+def test_a_pruned_trial_records_its_run_as_pruned_not_failed(tmp_path, monkeypatch):
+    """What `bench tune`'s objective does at a validation the pruner rejects: the run stops at that
+    step and its record says PRUNED, with no failure trace, so no browse of the runs shows failures."""
+    from bench.config import resolve
+    from bench.method import get_method
+    from bench.runner import execute
+    from bench.tune import Pruned
+    monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
+    cfg = resolve(get_method("supervised"), preset="smoke", cli={
+        "steps": 40, "eval_every": 10, "results_dir": str(tmp_path / "r"), "progress": False})
+    seen = []
+
+    def prune(step, val):
+        seen.append(step)
+        if step == 20:
+            raise Pruned(f"pruned at step {step}")
+
+    with pytest.raises(optuna.TrialPruned):
+        execute(cfg, on_validation=prune, log=lambda *a: None)
+    assert seen == [10, 20]
+    (run,) = run_dirs(tmp_path / "r")
+    record = load_json(run / "run.json")
+    assert record["status"] == "PRUNED" and not record.get("fail_trace"), record.get("fail_trace")
+
+
 def test_study_shows_the_running_cells_step_accuracy_and_eta(tmp_path):
     study = tmp_path / "one.yaml"
     study.write_text("methods: [supervised]\naxes: {lr: {values: [0.002]}}\nseeds: 1\n")
