@@ -57,6 +57,8 @@ def device_info(device: str) -> dict[str, Any]:
         info["cudnn_version"] = torch.backends.cudnn.version()
     else:
         info["name"] = "CPU"
+    # the kernels torch picked for this CPU: runs of one seed agree to the bit only on the same set
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info
 
 

@@ -47,7 +47,7 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
                 result = record.get("result") or {}
                 metrics = read_json(run_dir / "metrics.json")
                 row.update(run_id=run_dir.name, trial=trial.number, **{k: result.get(k) for k in RESULTS})
-                row.update({k: _tail_mean(metrics, name, result.get("steps")) for k, name in HEALTH.items()})
+                row.update(pseudo_label_health(metrics, result.get("steps")))
                 row.update(gate_of(metrics))
                 row.update(budget_of(result, cell.method))
                 row["val_images"] = val_images(run_dir)
@@ -80,9 +80,20 @@ def provenance(record: dict) -> dict[str, Any]:
     experiment, host = record.get("experiment") or {}, record.get("host") or {}
     repo = (experiment.get("repositories") or [{}])[0]
     deps = dict(d.split("==", 1) for d in experiment.get("dependencies") or [] if "==" in d)
-    return {"commit": repo.get("commit"), "dirty": repo.get("dirty"),
-            "device": (host.get("accelerator") or {}).get("name"),
+    accelerator = accelerator_of(host)
+    return {"commit": repo.get("commit"), "dirty": repo.get("dirty"), "device": accelerator,
             **{f"version.{name}": deps.get(name) for name in ("ssvit-bench", "torch", "timm", "optuna")}}
+
+
+def accelerator_of(host: dict) -> str | None:
+    """The GPU's name, or for a CPU run its model and kernel set (e.g. "CPU (AMD EPYC, AVX2)"):
+    float results of one seed differ between CPUs, so a table says which CPU made each row."""
+    accelerator = host.get("accelerator") or {}
+    name = accelerator.get("name")
+    if name != "CPU":
+        return name
+    parts = [p for p in (host.get("cpu"), accelerator.get("cpu_capability")) if p]
+    return f"CPU ({', '.join(parts)})" if parts else name
 
 
 def _stats(values: pd.Series) -> tuple[float, float, int]:
@@ -306,6 +317,12 @@ def health_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
                 row[title] = " / ".join(f"{v:.{digits}f}" for v in values) or "—"
         rows.append(row)
     return pd.DataFrame(rows).set_index("label") if rows else pd.DataFrame()
+
+
+def pseudo_label_health(metrics: dict, steps: int | None) -> dict[str, float]:
+    """Admission rate and precision (fractions) over the last tenth of a run's steps; NaN where
+    the run logged none (a method without pseudo-labels)."""
+    return {k: _tail_mean(metrics, name, steps) for k, name in HEALTH.items()}
 
 
 def _tail_mean(metrics: dict, name: str, steps: int | None) -> float:

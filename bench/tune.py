@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import threading
 import time
 from pathlib import Path
@@ -29,12 +30,15 @@ from sacred.utils import SacredInterrupt
 
 from bench.config import all_options, load_preset, method_layer, resolve
 from bench.errors import NonFiniteLoss, UsageError
-from bench.io import atomic_write_text
+from bench.io import atomic_write_text, read_json
 from bench.method import get_method
 from bench.provenance import redact
+from bench.report import pseudo_label_health
 from bench.sweep import default_storage, open_storage
 from bench.tracking import prepare_runs_dir
 from bench.tune_report import write_search_report
+
+LOW_ADMISSION = 0.01  # a best trial admitting less than this share of unlabeled images is flagged
 
 # name: (low, high, log) for floats; lists are categorical choices. Only the options a method
 # has are searched; label smoothing only where no confidence threshold depends on it.
@@ -159,6 +163,10 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
                                      info={"optuna": {"study": name, "trial": trial.number, "storage": redact(url)}})
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("test_acc_selected", result["test_acc_selected"])  # recorded, never optimised
+        metrics = read_json(Path(cfg["results_dir"]) / "runs" / run_id / "metrics.json")
+        for key, value in pseudo_label_health(metrics, result.get("steps")).items():
+            if not math.isnan(value):  # a semi-supervised trial's admission shows beside its accuracy
+                trial.set_user_attr(key, value)
         return result["selected_val_acc"]
 
     held = held_trials(study)
@@ -196,6 +204,11 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print(f"best of {len(study.trials)} trials (trial {best.number}, validation accuracy {best.value:.2f}):")
     for k, v in best.params.items():
         print(f"  {k}: {v}")
+    admitted = best.user_attrs.get("pl_rate")
+    if admitted is not None and admitted < LOW_ADMISSION:
+        print(f"warning: the best trial admitted {100 * admitted:.1f} % of the unlabeled images over its last "
+              f"tenth of training: it trains almost as a supervised run; compare it with `bench run supervised` "
+              f"before calling it a semi-supervised recipe")
     print(f"preset written to {out}; use it with `bench run {method_cls.name} --preset {out}`")
     print(f"the search's trials and figures ({', '.join(w for w in written if not w.endswith('.pdf'))}) are in "
           f"{folder}; browse it: optuna-dashboard {redact(url)}")

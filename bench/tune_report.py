@@ -26,7 +26,7 @@ def write_search_report(study: optuna.Study, out: Path) -> list[str]:
     written = ["trials.csv"]
     finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     plots = [("history", optuna.visualization.matplotlib.plot_optimization_history,
-              "validation accuracy of each finished trial, and the best so far"),
+              "validation accuracy of each completed trial, and the best so far (pruned trials: curves)"),
              ("curves", optuna.visualization.matplotlib.plot_intermediate_values,
               "validation accuracy at each evaluation (a pruned trial's curve stops where it was pruned)")]
     if len(finished) >= 2:
@@ -36,6 +36,7 @@ def write_search_report(study: optuna.Study, out: Path) -> list[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
             ax = plot(study)
+        ax.set_title("", loc="left")  # optuna's own title, which ours replaces
         ax.set_title(title, fontsize=9)
         if name != "importance":
             ax.set_ylabel("validation accuracy (%)")

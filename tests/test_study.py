@@ -51,7 +51,9 @@ def completed_per_cell(ts):
 
 
 def completed_runs(results):
-    return [r for r in run_dirs(results) if load_json(r / "run.json").get("status") == "COMPLETED"]
+    # a run directory exists a moment before its record: polled mid-study, it is not complete yet
+    return [r for r in run_dirs(results)
+            if (r / "run.json").exists() and load_json(r / "run.json").get("status") == "COMPLETED"]
 
 
 def start_study_until(args, tmp_path, ready, timeout=300):
@@ -117,7 +119,8 @@ def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     runs_csv = pd.read_csv(report / "runs.csv")
     record = load_json(runs[0] / "run.json")
     assert set(runs_csv["commit"]) == {record["experiment"]["repositories"][0]["commit"]}
-    assert set(runs_csv["version.torch"]) == {torch.__version__.split("+")[0]} and set(runs_csv["device"]) == {"CPU"}
+    assert set(runs_csv["version.torch"]) == {torch.__version__.split("+")[0]} \
+        and set(runs_csv["device"]) == {f"CPU ({record['host']['cpu']}, {torch.backends.cpu.get_cpu_capability()})"}
 
     # a rerun skips finished cells; `bench report` rebuilds the same numbers from the stores
     (report / "summary.csv").unlink()
@@ -378,27 +381,33 @@ def test_study_bad_input(tmp_path, capsys, monkeypatch):
 
 def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("lr: {low: 0.001, high: 0.004, log: true}\nlabel_smoothing: {choices: [0.0, 0.1]}\n")
+    space.write_text("lr: {low: 0.001, high: 0.004, log: true}\ntau: {choices: [0.3, 0.95]}\n")
     results, published = tmp_path / "results", tmp_path / "published"
-    args = ["tune", "supervised", "--preset", "smoke", "--space", str(space), "--set", "steps=20",
+    args = ["tune", "fixmatch", "--preset", "smoke", "--space", str(space), "--set", "steps=20",
             "--set", "eval_every=10", "--results-dir", str(results), "--no-progress", "--report-dir", str(published)]
     out = bench([*args, "--trials", "3"], tmp_path / "cache", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    preset = results / "tuned" / "supervised-synthetic.yaml"
+    preset = results / "tuned" / "fixmatch-synthetic.yaml"
     import yaml
     values = yaml.safe_load(preset.read_text())
     assert 0.001 <= values["lr"] <= 0.004 and values["steps"] == 20 and values["depth"] == 2
-    run = bench(["run", "supervised", "--preset", str(preset), "--results-dir", str(tmp_path / "r2"),
+    run = bench(["run", "fixmatch", "--preset", str(preset), "--results-dir", str(tmp_path / "r2"),
                  "--no-progress"], tmp_path / "cache")
     assert run.returncode == 0, run.stderr[-2000:]
     assert load_json(run_dirs(tmp_path / "r2")[0] / "config.json")["lr"] == values["lr"]
 
     # the search lives in its folder: trials, figures, best preset; a rerun adds only what --trials lacks
-    folder = published / "tune" / "supervised-synthetic-smoke"
+    folder = published / "tune" / "fixmatch-synthetic-smoke"
     assert yaml.safe_load((folder / "best.yaml").read_text()) == values
     frame = pd.read_csv(folder / "trials.csv")
     assert len(frame) == 3 and set(frame["state"]) <= {"COMPLETE", "PRUNED"}
     assert frame["params_lr"].between(0.001, 0.004).all()
+    # each completed trial shows how much it admitted, and a best trial that admits almost nothing
+    # (a supervised run in disguise) is flagged
+    done = frame[frame["state"] == "COMPLETE"]
+    assert done["user_attrs_pl_rate"].between(0, 1).all(), frame.filter(like="user_attrs")
+    best_rate = done.loc[done["value"].idxmax(), "user_attrs_pl_rate"]
+    assert ("warning: the best trial admitted" in out.stdout) == (best_rate < 0.01), (best_rate, out.stdout)
     for name in ("history.png", "curves.png", "importance.png"):
         assert (folder / name).stat().st_size > 0, name
     assert len(run_dirs(results)) == 3
@@ -407,7 +416,7 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     from bench.config import differing_keys, resolve
     from bench.method import get_method
     from bench.studies import load_study
-    compare = folder / "tuned_supervised.yaml"
+    compare = folder / "tuned_fixmatch.yaml"
     assert f"bench study {compare}" in out.stdout
     spec = load_study(str(compare))
     assert spec.compare_to == {"variant": "preset"} and spec.seeds == 2 and spec.metric == "test_acc"
@@ -416,14 +425,14 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
         configs[cell.variant, cell.seed] = cfg = spec.config(cell, "synthetic", spec.preset, {})
         own = {"preset": str(preset)} if cell.variant == "tuned" else {
             "preset": "smoke", "cli": {"steps": 20, "eval_every": 10}}
-        want = resolve(get_method("supervised"), preset=own["preset"],
+        want = resolve(get_method("fixmatch"), preset=own["preset"],
                        cli={**own.get("cli", {}), "seed": cell.seed, "dataset": "synthetic"})
         assert set(differing_keys(cfg, want)) <= {"preset"}, cell  # the same run; only the preset's name differs
     assert "lr" in differing_keys(configs["tuned", 0], configs["preset", 0])
     paired = bench(["study", str(compare), "--values", "seed=0", "--results-dir", str(results), "--no-progress",
                     "--report-dir", str(published)], tmp_path / "cache", timeout=600)
     assert paired.returncode == 0, paired.stderr[-3000:]
-    diffs = pd.read_csv(published / "tuned_supervised" / "synthetic-smoke" / "differences.csv")
+    diffs = pd.read_csv(published / "tuned_fixmatch" / "synthetic-smoke" / "differences.csv")
     assert diffs["variant"].tolist() == ["tuned"] and diffs["n_pairs"].tolist() == [1], diffs
     assert len(run_dirs(results)) == 5
     # a piece of a search: --stop-after starts no trial once its minutes are spent (here after the
