@@ -57,7 +57,8 @@ def device_info(device: str) -> dict[str, Any]:
         info["cudnn_version"] = torch.backends.cudnn.version()
     else:
         info["name"] = "CPU"
-    # the kernels torch picked for this CPU: runs of one seed agree to the bit only on the same set
+    # the kernels torch picked for this CPU: one of the things that must match for two runs of a
+    # seed to agree to the bit (the CPU model, thread count and library builds are others)
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sacred.utils import SacredInterrupt
 
 from bench import checkpoint
 from bench.config import differing_keys
@@ -230,7 +231,9 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
         except BaseException as e:
             recording_failure()
             lost = w.distributed and is_peer_failure(e)
-            run.set_info("failure", f"PeerLost: {peer_reason(e)}" if lost else f"{type(e).__name__}: {e}".strip().rstrip(":"))
+            # a run stopped on purpose (a pruned trial: Sacred records its own status) failed nothing
+            key = "stopped" if isinstance(e, SacredInterrupt) else "failure"
+            run.set_info(key, f"PeerLost: {peer_reason(e)}" if lost else f"{type(e).__name__}: {e}".strip().rstrip(":"))
             try:
                 run.flush()  # the reason and the last curve points reach the store
             except Exception:

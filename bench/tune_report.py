@@ -26,12 +26,12 @@ def write_search_report(study: optuna.Study, out: Path) -> list[str]:
     written = ["trials.csv"]
     finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     plots = [("history", optuna.visualization.matplotlib.plot_optimization_history,
-              "validation accuracy of each completed trial, and the best so far (pruned trials: curves)"),
+              "validation accuracy of each completed trial, and the best so far (pruned trials: curves.png only)"),
              ("curves", optuna.visualization.matplotlib.plot_intermediate_values,
               "validation accuracy at each evaluation (a pruned trial's curve stops where it was pruned)")]
     if len(finished) >= 2:
         plots.append(("importance", optuna.visualization.matplotlib.plot_param_importances,
-                      "fANOVA importance of each parameter for validation accuracy"))
+                      "PED-ANOVA importance (optuna's default) of each parameter for validation accuracy"))
     for name, plot, title in plots:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental

@@ -482,6 +482,8 @@ def test_a_pruned_trial_records_its_run_as_pruned_not_failed(tmp_path, monkeypat
     (run,) = run_dirs(tmp_path / "r")
     record = load_json(run / "run.json")
     assert record["status"] == "PRUNED" and not record.get("fail_trace"), record.get("fail_trace")
+    info = load_json(run / "info.json")
+    assert "failure" not in info and info["stopped"] == "Pruned: pruned at step 20", info
 
 
 def test_study_shows_the_running_cells_step_accuracy_and_eta(tmp_path):
