@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sacred.utils import SacredInterrupt
 
 from bench import checkpoint
 from bench.config import differing_keys
@@ -29,7 +28,7 @@ from bench.pretrained import load_into
 from bench.split_files import check_budget, read_split_file
 from bench.splits import split_for
 from bench.stages import run_stage, save_final, skipped, stage_config, stage_key, stage_result
-from bench.tracking import RunHandle, mongo_observer, prepare_runs_dir, runs_dir, tracked_run
+from bench.tracking import RunHandle, SacredInterrupt, mongo_observer, prepare_runs_dir, runs_dir, tracked_run
 
 
 def find_run_dir(results_dir: str | Path, run: str) -> Path:

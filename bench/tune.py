@@ -26,7 +26,6 @@ from typing import Any
 import optuna
 import yaml
 from optuna.trial import TrialState
-from sacred.utils import SacredInterrupt
 
 from bench.config import all_options, load_preset, method_layer, resolve
 from bench.errors import NonFiniteLoss, UsageError
@@ -35,7 +34,7 @@ from bench.method import get_method
 from bench.provenance import redact
 from bench.report import pseudo_label_health
 from bench.sweep import default_storage, open_storage
-from bench.tracking import prepare_runs_dir
+from bench.tracking import SacredInterrupt, prepare_runs_dir
 from bench.tune_report import write_search_report
 
 LOW_ADMISSION = 0.01  # a best trial admitting less than this share of unlabeled images is flagged

@@ -408,6 +408,13 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     assert done["user_attrs_pl_rate"].between(0, 1).all(), frame.filter(like="user_attrs")
     best_rate = done.loc[done["value"].idxmax(), "user_attrs_pl_rate"]
     assert ("warning: the best trial admitted" in out.stdout) == (best_rate < 0.01), (best_rate, out.stdout)
+    never = tmp_path / "never.yaml"  # a tau no 20-step model reaches: the flagged case, every time
+    never.write_text("tau: {choices: [0.999]}\n")
+    flagged = bench(["tune", "fixmatch", "--preset", "smoke", "--space", str(never), "--set", "steps=20",
+                     "--set", "eval_every=10", "--results-dir", str(tmp_path / "r3"), "--no-progress", "--trials", "1"],
+                    tmp_path / "cache", timeout=600)
+    assert flagged.returncode == 0, flagged.stderr[-3000:]
+    assert "warning: the best trial admitted 0.0 % of the unlabeled images" in flagged.stdout, flagged.stdout
     for name in ("history.png", "curves.png", "importance.png"):
         assert (folder / name).stat().st_size > 0, name
     assert len(run_dirs(results)) == 3
