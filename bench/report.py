@@ -80,8 +80,7 @@ def provenance(record: dict) -> dict[str, Any]:
     experiment, host = record.get("experiment") or {}, record.get("host") or {}
     repo = (experiment.get("repositories") or [{}])[0]
     deps = dict(d.split("==", 1) for d in experiment.get("dependencies") or [] if "==" in d)
-    accelerator = accelerator_of(host)
-    return {"commit": repo.get("commit"), "dirty": repo.get("dirty"), "device": accelerator,
+    return {"commit": repo.get("commit"), "dirty": repo.get("dirty"), "device": accelerator_of(host),
             **{f"version.{name}": deps.get(name) for name in ("ssvit-bench", "torch", "timm", "optuna")}}
 
 

@@ -34,7 +34,7 @@ from bench.method import get_method
 from bench.provenance import redact
 from bench.report import pseudo_label_health
 from bench.sweep import default_storage, open_storage
-from bench.tracking import SacredInterrupt, prepare_runs_dir
+from bench.tracking import SacredInterrupt, prepare_runs_dir, runs_dir
 from bench.tune_report import write_search_report
 
 LOW_ADMISSION = 0.01  # a best trial admitting less than this share of unlabeled images is flagged
@@ -162,7 +162,7 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
                                      info={"optuna": {"study": name, "trial": trial.number, "storage": redact(url)}})
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("test_acc_selected", result["test_acc_selected"])  # recorded, never optimised
-        metrics = read_json(Path(cfg["results_dir"]) / "runs" / run_id / "metrics.json")
+        metrics = read_json(runs_dir(cfg["results_dir"]) / run_id / "metrics.json")
         for key, value in pseudo_label_health(metrics, result.get("steps")).items():
             if not math.isnan(value):  # a semi-supervised trial's admission shows beside its accuracy
                 trial.set_user_attr(key, value)
