@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 
 from bench.errors import UsageError
-from bench.options import Option, non_negative, positive, unit_closed, unit_open, unit_open_closed
+from bench.options import (DATA, MODEL, OPTIM, PSEUDO, RUN, SPLIT, START, VIEWS, Option, non_negative, positive,
+                           unit_closed, unit_open, unit_open_closed)
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -25,117 +26,129 @@ def _opt(default, help, group, **kw) -> Option:
 
 CORE_OPTIONS: dict[str, Option] = {
     # data and split
-    "dataset": _opt("synthetic", "dataset name", "data", choices=DATASETS),
+    "dataset": _opt("synthetic", "dataset name", DATA, choices=DATASETS),
     "data": _opt(None, "path to the dataset archive or folder (offline CIFAR: the official "
                  "cifar-10-python.tar.gz / cifar-100-python.tar.gz or an image-folder tarball); unset: "
-                 "CIFAR is downloaded, synthetic generated", "data"),
+                 "CIFAR is downloaded, synthetic generated", DATA),
     "cache_dir": _opt(None, "cache for downloads, decoded arrays and split manifests; unset: "
-                      "$SSVIT_CACHE, else ~/.cache/ssvit-bench", "data"),
+                      "$SSVIT_CACHE, else ~/.cache/ssvit-bench", DATA),
     "image_side": _opt(None, "cache every image at this side (shorter side resized, centre crop) in an on-disk "
-                       "cache a store can stream; unset: imagenet 256, others their own size", "data",
+                       "cache a store can stream; unset: imagenet 256, others their own size", DATA,
                        type=int, **positive()),
     "store": _opt("auto", "where the images live: resident (on the device), streamed (read from the on-disk "
-                  "cache a step ahead) or auto (resident if it fits a quarter of free memory)", "data",
+                  "cache a step ahead) or auto (resident if it fits a quarter of free memory)", DATA,
                   choices=("auto", "resident", "streamed")),
-    "synthetic_classes": _opt(10, "synthetic: number of classes", "data", **positive()),
-    "synthetic_size": _opt(32, "synthetic: image side in pixels", "data", **positive()),
-    "synthetic_train_per_class": _opt(100, "synthetic: training images per class", "data", **positive()),
-    "synthetic_test_per_class": _opt(20, "synthetic: test images per class", "data", **positive()),
-    "label_fraction": _opt(0.1, "labeled budget as a fraction of each class (0 < F <= 1)", "split",
+    "synthetic_classes": _opt(10, "synthetic: number of classes", DATA, **positive()),
+    "synthetic_size": _opt(32, "synthetic: image side in pixels", DATA, **positive()),
+    "synthetic_train_per_class": _opt(100, "synthetic: training images per class", DATA, **positive()),
+    "synthetic_test_per_class": _opt(20, "synthetic: test images per class", DATA, **positive()),
+    "label_fraction": _opt(0.1, "labeled budget as a fraction of each class (0 < F <= 1)", SPLIT,
                            **unit_open_closed()),
-    "labels_per_class": _opt(None, "labeled budget per class; set, it overrides --label-fraction", "split",
+    "labels_per_class": _opt(None, "labeled budget per class; set, it overrides --label-fraction", SPLIT,
                              type=int, **positive()),
-    "val_fraction": _opt(0.1, "share of the labeled budget held out for validation (>= 1 per class)",
-                         "split", **unit_open()),
+    "val_fraction": _opt(0.1, "share of the labeled budget held out for validation (>= 1 per class)", SPLIT, **unit_open()),
     "unlabeled_pool": _opt("all", "unlabeled pool: all training images but validation, or only "
-                           "the non-labeled ones", "split", choices=("all", "rest")),
+                           "the non-labeled ones", SPLIT, choices=("all", "rest")),
     "split_file": _opt(None, "the labeled images as a standard subset file: SimCLR's 1percent.txt format (file "
                        "names) or Semi-ViT's index CSV (positions in ImageFolder order); overrides the label "
-                       "budget", "split"),
-    "split_format": _opt("auto", "format of --split-file (auto: detected from its first line)", "split",
+                       "budget", SPLIT),
+    "split_format": _opt("auto", "format of --split-file (auto: detected from its first line)", SPLIT,
                          choices=("auto", "simclr", "semivit")),
     "val_from": _opt("labeled", "where validation comes from: carved out of the labeled budget, or a held-out "
-                     "slice of the other training images whose labels are read for validation only", "split",
+                     "slice of the other training images whose labels are read for validation only", SPLIT,
                      choices=("labeled", "unlabeled")),
-    "seed": _opt(0, "seed of the split, the initialisation and every augmentation", "split",
+    "val_per_class": _opt(None, "validation images per class; unset: --val-fraction of the class's labeled budget "
+                          "(at 25 labels per class, 2 or 3: take it from the unlabeled images at a size that "
+                          "can decide something, e.g. --val-from unlabeled --val-per-class 100)", SPLIT, type=int,
+                          **positive()),
+    "seed": _opt(0, "seed of the split, the initialisation and every augmentation", SPLIT,
                  **non_negative()),
     # model
-    "encoder": _opt("vit_small_patch16_224", "timm ViT name", "model"),
-    "init_from": _opt(None, "start the encoder from this weight file (MAE's official .pth or a timm ViT weight "
-                      "file, local); a method that pretrains with MAE then skips that stage", "model"),
-    "img_size": _opt(32, "model input resolution (images are resized on the device)", "model",
+    "encoder": _opt("vit_small_patch16_224", "timm ViT name", MODEL),
+    # where the weights start
+    "start": _opt("scratch", "where the encoder starts: scratch (random) or mae (the cached MAE pretraining "
+                  "stage, one per seed, shared by every method; --pretrain-* set it)", START,
+                  choices=("scratch", "mae")),
+    "init_from": _opt(None, "start from this weight file instead: MAE's official .pth, a timm ViT weight file, or "
+                      "the suite's own stage (<results>/stages/KEY) or run (<results>/runs/ID) checkpoint; the "
+                      "MAE stage is then not trained", START),
+    "img_size": _opt(32, "model input resolution (images are resized on the device)", MODEL,
                      **positive()),
-    "patch_size": _opt(4, "patch size", "model", **positive()),
-    "embed_dim": _opt(None, "encoder width; unset: the --encoder's", "model", type=int, **positive()),
-    "depth": _opt(None, "encoder blocks; unset: the --encoder's", "model", type=int, **positive()),
-    "num_heads": _opt(None, "encoder attention heads; unset: the --encoder's", "model", type=int, **positive()),
+    "patch_size": _opt(4, "patch size", MODEL, **positive()),
+    "embed_dim": _opt(None, "encoder width; unset: the --encoder's", MODEL, type=int, **positive()),
+    "depth": _opt(None, "encoder blocks; unset: the --encoder's", MODEL, type=int, **positive()),
+    "num_heads": _opt(None, "encoder attention heads; unset: the --encoder's", MODEL, type=int, **positive()),
     "mlp_ratio": _opt(None, "encoder MLP width / embedding width (small-data ViTs use 2); unset: the "
-                      "--encoder's", "model", type=float, **positive()),
-    "drop_path": _opt(0.1, "stochastic depth rate", "model", **unit_open()),
-    "global_pool": _opt("avg", "classifier input: cls token or mean of patch tokens", "model",
+                      "--encoder's", MODEL, type=float, **positive()),
+    "drop_path": _opt(0.1, "stochastic depth rate", MODEL, **unit_open()),
+    "global_pool": _opt("avg", "classifier input: cls token or mean of patch tokens", MODEL,
                         choices=("token", "avg")),
-    "pos_embed": _opt("learn", "positional embedding: learned or fixed 2-D sin-cos", "model",
+    "pos_embed": _opt("learn", "positional embedding: learned or fixed 2-D sin-cos", MODEL,
                       choices=("learn", "sincos")),
-    "decoder_dim": _opt(256, "MAE decoder width", "model", **positive()),
-    "decoder_depth": _opt(4, "MAE decoder blocks", "model", **positive()),
-    "decoder_heads": _opt(8, "MAE decoder heads", "model", **positive()),
-    "norm_pix_loss": _opt(True, "MAE target: per-patch normalised pixels (else raw)", "model"),
+    "decoder_dim": _opt(256, "MAE decoder width", MODEL, **positive()),
+    "decoder_depth": _opt(4, "MAE decoder blocks", MODEL, **positive()),
+    "decoder_heads": _opt(8, "MAE decoder heads", MODEL, **positive()),
+    "norm_pix_loss": _opt(True, "MAE target: per-patch normalised pixels (else raw)", MODEL),
     # optimisation
-    "steps": _opt(5000, "training length in optimizer steps", "optim", **positive()),
-    "batch_size": _opt(64, "labeled images per step", "optim", **positive()),
-    "lr": _opt(1e-3, "peak learning rate (AdamW)", "optim", **positive()),
-    "min_lr": _opt(1e-6, "final learning rate of the cosine schedule", "optim", **non_negative()),
-    "schedule": _opt("cosine", "learning-rate schedule after warm-up", "optim",
+    "steps": _opt(5000, "training length in optimizer steps", OPTIM, **positive()),
+    "batch_size": _opt(64, "labeled images per step", OPTIM, **positive()),
+    "lr": _opt(1e-3, "peak learning rate (AdamW)", OPTIM, **positive()),
+    "min_lr": _opt(1e-6, "final learning rate of the cosine schedule", OPTIM, **non_negative()),
+    "schedule": _opt("cosine", "learning-rate schedule after warm-up", OPTIM,
                      choices=("cosine", "constant")),
-    "warmup_steps": _opt(250, "linear warm-up steps (capped at --steps)", "optim", **non_negative()),
-    "weight_decay": _opt(0.05, "AdamW weight decay (never on norms, biases, embeddings)", "optim",
+    "warmup_steps": _opt(250, "linear warm-up steps (capped at --steps)", OPTIM, **non_negative()),
+    "weight_decay": _opt(0.05, "AdamW weight decay (never on norms, biases, embeddings)", OPTIM,
                          **non_negative()),
-    "beta1": _opt(0.9, "AdamW beta1", "optim", **unit_open()),
-    "beta2": _opt(0.999, "AdamW beta2", "optim", **unit_open()),
-    "layer_decay": _opt(1.0, "layer-wise lr decay (1 = off)", "optim", **unit_open_closed()),
-    "clip_grad": _opt(0.0, "clip the gradient norm to this value (0 = off)", "optim", **non_negative()),
-    "label_smoothing": _opt(0.0, "label smoothing of the supervised loss", "optim", **unit_open()),
-    "ema_decay": _opt(0.999, "decay of the EMA model (evaluated beside the raw model)", "optim",
+    "beta1": _opt(0.9, "AdamW beta1", OPTIM, **unit_open()),
+    "beta2": _opt(0.999, "AdamW beta2", OPTIM, **unit_open()),
+    "layer_decay": _opt(1.0, "layer-wise lr decay (1 = off)", OPTIM, **unit_open_closed()),
+    "clip_grad": _opt(0.0, "clip the gradient norm to this value (0 = off)", OPTIM, **non_negative()),
+    "label_smoothing": _opt(0.0, "label smoothing of the supervised loss", OPTIM, **unit_open()),
+    "ema_decay": _opt(0.999, "decay of the EMA model (evaluated beside the raw model)", OPTIM,
                       **unit_open()),
+    # what a semi-supervised method's pseudo-labels train
+    "pl_mode": _opt("on", "what the pseudo-labels train: on; off (the method's control: the same run and random "
+                    "numbers, its pseudo-label term switched off); oracle (a diagnostic: the true labels under "
+                    "the method's own admission mask; never a default, refused by bench tune)", PSEUDO,
+                    choices=("on", "off", "oracle")),
     # views of the labeled batch and the shared augmentation pipeline
-    "labeled_view": _opt("weak", "augmentation of labeled images", "views",
+    "labeled_view": _opt("weak", "augmentation of labeled images", VIEWS,
                          choices=("weak", "strong", "mae", "eval")),
-    "pad_frac": _opt(0.125, "weak view: max translation as a fraction of the image side", "views",
+    "pad_frac": _opt(0.125, "weak view: max translation as a fraction of the image side", VIEWS,
                      **unit_closed()),
-    "randaug_ops": _opt(2, "strong view: RandAugment ops per image", "views", **non_negative()),
+    "randaug_ops": _opt(2, "strong view: RandAugment ops per image", VIEWS, **non_negative()),
     "randaug_prob": _opt(0.5, "strong view: probability that each drawn RandAugment op is applied "
-                         "(FixMatch's RandAugmentMC: 0.5)", "views", **unit_closed()),
+                         "(FixMatch's RandAugmentMC: 0.5)", VIEWS, **unit_closed()),
     "randaug_mag": _opt(10.0, "strong view: RandAugment magnitude, 0..10 (each op draws its "
-                        "strength uniformly up to this share of its maximum)", "views",
+                        "strength uniformly up to this share of its maximum)", VIEWS,
                         check=lambda v: 0 <= v <= 10, check_msg="in [0, 10]"),
-    "cutout_frac": _opt(0.5, "strong view: cutout square side as a fraction of the image", "views",
+    "cutout_frac": _opt(0.5, "strong view: cutout square side as a fraction of the image", VIEWS,
                         **unit_closed()),
     "crop": _opt("translate", "crop of the weak, strong and labeled views: translate (reflect-pad + crop, "
-                 "CIFAR's) or rrc (random resized crop, ImageNet's)", "views", choices=("translate", "rrc")),
-    "crop_scale_min": _opt(0.08, "rrc: smallest area share of a crop", "views", **unit_open_closed()),
-    "jitter": _opt(0.0, "weak view: colour jitter (brightness, contrast, saturation in [1-j, 1+j]; Semi-ViT 0.4)",
-                   "views", **unit_closed()),
-    "erase_prob": _opt(0.0, "strong view: random-erasing probability (Semi-ViT, MAE fine-tuning 0.25)", "views",
+                 "CIFAR's) or rrc (random resized crop, ImageNet's)", VIEWS, choices=("translate", "rrc")),
+    "crop_scale_min": _opt(0.08, "rrc: smallest area share of a crop", VIEWS, **unit_open_closed()),
+    "jitter": _opt(0.0, "weak view: colour jitter (brightness, contrast, saturation in [1-j, 1+j]; Semi-ViT 0.4)", VIEWS, **unit_closed()),
+    "erase_prob": _opt(0.0, "strong view: random-erasing probability (Semi-ViT, MAE fine-tuning 0.25)", VIEWS,
                        **unit_closed()),
     "eval_crop": _opt(1.0, "evaluation: centre-crop share after resizing (0.875: resize 256, crop 224; 1: resize "
-                      "the whole image)", "views", **unit_open_closed()),
-    "mixup_alpha": _opt(0.0, "mixup alpha on labeled batches (0 = off)", "views", **non_negative()),
-    "cutmix_alpha": _opt(0.0, "cutmix alpha on labeled batches (0 = off)", "views", **non_negative()),
+                      "the whole image)", VIEWS, **unit_open_closed()),
+    "mixup_alpha": _opt(0.0, "mixup alpha on labeled batches (0 = off)", VIEWS, **non_negative()),
+    "cutmix_alpha": _opt(0.0, "cutmix alpha on labeled batches (0 = off)", VIEWS, **non_negative()),
     # run mechanics
-    "eval_every": _opt(500, "evaluate validation and test every N steps", "run", **positive()),
-    "ckpt_every": _opt(1000, "checkpoint every N steps (and at the end)", "run", **positive()),
-    "log_every": _opt(50, "log loss terms and throughput every N steps", "run", **positive()),
-    "eval_batch_size": _opt(512, "batch size for evaluation", "run", **positive()),
-    "amp": _opt("auto", "precision: auto = bf16 autocast on CUDA, fp32 on CPU", "run",
+    "eval_every": _opt(500, "evaluate validation and test every N steps", RUN, **positive()),
+    "ckpt_every": _opt(1000, "checkpoint every N steps (and at the end)", RUN, **positive()),
+    "log_every": _opt(50, "log loss terms and throughput every N steps", RUN, **positive()),
+    "eval_batch_size": _opt(512, "batch size for evaluation", RUN, **positive()),
+    "amp": _opt("auto", "precision: auto = bf16 autocast on CUDA, fp32 on CPU", RUN,
                 choices=("auto", "bf16", "fp32")),
-    "compile": _opt(False, "torch.compile the model", "run"),
-    "device": _opt("auto", "auto, cpu, cuda or cuda:N", "run"),
+    "compile": _opt(False, "torch.compile the model", RUN),
+    "device": _opt("auto", "auto, cpu, cuda or cuda:N", RUN),
     "results_dir": _opt("results", "output root: runs/ (one Sacred run each), stages/ (cached earlier "
-                        "stages), studies/, reports/, tuned/ and speed/", "run"),
-    "mongo": _opt(None, "also record runs in MongoDB at this URL (unset: the file store only)", "run"),
-    "progress": _opt(True, "show a progress bar", "run"),
+                        "stages), studies/, reports/, tuned/ and speed/", RUN),
+    "mongo": _opt(None, "also record runs in MongoDB at this URL (unset: the file store only)", RUN),
+    "progress": _opt(True, "show a progress bar", RUN),
     "dist_timeout": _opt(300.0, "seconds a rank waits on the others (rendezvous, a collective) before the "
-                         "run stops as FAILED", "run", type=float, **positive()),
+                         "run stops as FAILED", RUN, type=float, **positive()),
 }
 
 # Keys that do not change what a run computes: a resume may differ on these.
@@ -233,11 +246,27 @@ def render(cfg: dict[str, Any], sources: dict[str, str]) -> str:
 
 
 def all_options(method_cls) -> dict[str, Option]:
+    """Every option of a method: the core's, those of the stages it may train (the MAE stage, its
+    own stages), and its own."""
     clash = set(CORE_OPTIONS) & set(method_cls.options)
     assert not clash, f"method {method_cls.name} redeclares core options {clash}"
     stray = set(method_cls.recipe) - set(CORE_OPTIONS)
     assert not stray, f"method {method_cls.name}'s recipe sets {stray}, which are not core options"
-    return {**CORE_OPTIONS, **method_cls.options}
+    return {**CORE_OPTIONS, **stage_options_of(method_cls), **method_cls.options}
+
+
+def stage_options_of(method_cls, planned: list | None = None) -> dict[str, Option]:
+    """The options that set the stages of `method_cls` (of the `planned` stages only, if given)."""
+    from bench.stages import PRETRAIN, stage_options
+    # every method takes the MAE stage's options (a preset sets them once for all); a run trains
+    # the stage only where bench.stages.plan says so
+    stages = [PRETRAIN, *method_cls.stages]
+    if planned is not None:
+        stages = [s for s in stages if s in planned]
+    out: dict[str, Option] = {}
+    for stage in stages:
+        out.update(stage_options(stage))
+    return out
 
 
 def _check_consistency(cfg: dict[str, Any]) -> None:
@@ -250,14 +279,28 @@ def _check_consistency(cfg: dict[str, Any]) -> None:
     if cfg["dataset"] == "imagenet" and not cfg["data"]:
         raise UsageError("--dataset imagenet needs --data PATH to the ILSVRC-2012 folder (train/<wnid>/*.JPEG, "
                          "val/<wnid>/*.JPEG); nothing is downloaded")
+    if cfg["start"] == "mae" and cfg["method"] == "mae_pretrain":
+        raise UsageError("--start mae: mae_pretrain is the MAE stage itself; drop --start")
     if cfg["dataset"] == "imagefolder" and not cfg["data"]:
         raise UsageError("--dataset imagefolder needs --data PATH (a train/<class>, test/<class> "
                          "folder or a .tar/.tar.gz of one)")
 
 
 def identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a config that determines the result (compared on resume)."""
-    return {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED}
+    """The part of a config that determines the result (compared on resume and with run
+    records): every option but the mechanics (IDENTITY_EXCLUDED) and the options of stages the
+    run does not train (pretraining knobs of a run from scratch). An option a config lacks (a
+    record made before the option existed) reads as its default, which keeps the behaviour it
+    was added with."""
+    from bench.method import REGISTRY, method_names
+    method_names()  # the registry, filled
+    method_cls = REGISTRY.get(cfg.get("method"))
+    if method_cls is None:
+        return {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED}
+    from bench.stages import plan
+    full = {**defaults(method_cls), **cfg}
+    unused = set(stage_options_of(method_cls)) - set(stage_options_of(method_cls, [p.stage for p in plan(full, method_cls)]))
+    return {k: v for k, v in full.items() if k not in IDENTITY_EXCLUDED and k not in unused}
 
 
 def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -35,7 +35,7 @@ from bench.logwindow import LogWindow
 from bench.method import Method, TrainData
 from bench.model import build_model
 from bench.optim import build_optimizer, lr_at, set_lr
-from bench.pseudo import admission_logs
+from bench.pseudo import PseudoLabelMode, admission_logs
 from bench.randomness import StepRandom
 from bench.sampler import IndexStream
 from bench.schedule import Clock, Event, Schedule
@@ -116,8 +116,10 @@ class Trainer:
         known = torch.cat([idx["labeled"], idx["val"]])
         visible[known] = self.train_y[known]
         train_data = TrainData(self.train_store, visible, idx["labeled"], idx["val"], idx["unlabeled"])
+        # what the method's pseudo-labels train: as admitted, nothing (a control) or the truth (an oracle)
+        self.pl_mode = PseudoLabelMode(cfg.get("pl_mode", "on"))
         self.method = self.method_cls(cfg, self.model, self.ema, self.views, self.data.num_classes, train_data,
-                                      autocast=self.autocast)
+                                      autocast=self.autocast, pl_mode=self.pl_mode)
         self.optimizer = build_optimizer(self.model, cfg)
         # Global counts: every rank takes an equal, contiguous slice of the step's global batch.
         self.n_labeled = cfg["batch_size"] if self.method_cls.uses_labeled else 0
@@ -148,7 +150,7 @@ class Trainer:
         # No stream or generator state: what a step draws is a function of (seed, step). Nothing
         # depends on the world size either, so a run resumes at any world size.
         return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "method": self.method.full_state_dict(),
                 "forward_images": self.forward_images(), "init": dict(self.init),
                 "selection": vars(self.selection).copy(),
                 "last_eval": dict(self.last_eval), "config": identity(self.cfg),
@@ -163,7 +165,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
+        self.method.load_full_state_dict(state["method"])
         self.forward_images_before, self.init = state["forward_images"], dict(state["init"])
         self.selection = Selection(**state["selection"])
         self.last_eval = dict(state["last_eval"])
@@ -171,20 +173,23 @@ class Trainer:
         if self.world.is_main:  # the partial window belongs to the rank that logs it
             self.window.load_state_dict(state["log_window"])
 
-    def init_from(self, weights: dict[str, Any], keep_head: bool) -> None:
+    def init_from(self, weights: dict[str, Any], keep_head: bool, ema_from_stage: bool = False) -> None:
         """Start from an earlier stage's weights (`bench.stages.transfer`): the encoder always,
-        the classifier head when it carries over, else a fresh head; the EMA starts from the
-        stage's EMA when the head is carried over (Semi-ViT), else from the loaded model."""
-        transfer(weights["model"], self.model, keep_head)
+        the MAE decoder where both have one, the classifier head when it carries over, else a
+        fresh head. The EMA (a teacher, for Semi-ViT) starts as a copy of the loaded model, as
+        Semi-ViT's reference builds its teacher, or from the stage's EMA (`ema_from_stage`)."""
+        parts = transfer(weights["model"], self.model, keep_head)
         broadcast_module(self.model)  # a re-drawn head is rank 0's on every rank
         self.ema.copy_from(self.model)
-        if keep_head:
+        if ema_from_stage:
             transfer(weights["ema"], self.ema.model, keep_head)
         model, ema = self.model.state_dict(), self.ema.model.state_dict()
-        self.init = {"head": "stage's" if keep_head else "re-drawn (std 2e-5)",
-                     "ema": "stage's EMA" if keep_head else "the loaded model",
+        self.init = {"head": "stage's" if keep_head else "re-drawn (std 2e-5)", "loaded": ["encoder", *parts],
+                     "ema": "stage's EMA" if ema_from_stage else "a copy of the loaded model",
                      "encoder_sha256": digest(model), "head_sha256": digest(model, "head"),
                      "ema_encoder_sha256": digest(ema), "ema_head_sha256": digest(ema, "head")}
+        if "decoder" in parts:
+            self.init["decoder_sha256"] = digest(model, "decoder")
 
     def save_checkpoint(self) -> None:
         """Every rank takes part (the state's counts are reduced); rank 0 alone writes."""
@@ -242,6 +247,7 @@ class Trainer:
         self.model.train()
         self.random.begin(self.step)
         batch, y_u = self.next_batch()
+        self.pl_mode.begin_step(y_u)  # an oracle's truth; nothing otherwise
         with self.autocast(), self.forwards.counting():
             loss, logs = self.method.train_step(batch)
         for name, pl in self.method.take_pseudo_labels().items():
@@ -291,7 +297,7 @@ class Trainer:
     def _check_admission(self, values: dict[str, float]) -> None:
         """A semi-supervised run that has used no pseudo-label by half its steps is a supervised
         run in disguise: say so once, while it runs."""
-        if not self.method_cls.pseudo_labels or self.admitted or self.warned:
+        if not self.method_cls.pseudo_labels or self.admitted or self.warned or self.pl_mode.mode != "on":
             return
         self.admitted = values.get("pl_rate", 0.0) > 0
         if not self.admitted and self.step >= self.cfg["steps"] // 2:

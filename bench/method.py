@@ -21,8 +21,9 @@ from bench.distributed import all_sum, world
 from bench.errors import UsageError
 from bench.evaluate import Evaluation, evaluate
 from bench.mixing import mix, one_hot_smooth, partners_of, sample_mix_params
-from bench.options import Option
-from bench.pseudo import PseudoLabels
+from bench.options import PSEUDO, Option, positive, unit_closed
+from bench.pseudo import PseudoLabelMode, PseudoLabels, require_reachable
+from bench.thresholds import make_policy, threshold_options
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -60,6 +61,15 @@ class TrainData:
     val: Tensor                 # validation indices
     unlabeled: Tensor           # unlabeled pool indices
 
+    @property
+    def size(self) -> int:
+        """Training images (N): what per-image state (a pseudo-label memory) is indexed by."""
+        return len(self.y)
+
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
 
 class Method:
     name: ClassVar[str] = "?"
@@ -72,10 +82,13 @@ class Method:
     uses_decoder: ClassVar[bool] = False     # build the MAE decoder
     classifies: ClassVar[bool] = True        # evaluate accuracy (False for label-free pretraining)
     pseudo_labels: ClassVar[bool] = False    # admits pseudo-labels: logs pl_rate / pl_precision
+    threshold_option: ClassVar[str | None] = None  # the option holding its confidence threshold, if it has one
+    strict_threshold: ClassVar[bool] = False  # admit above the threshold only (SSMAE), not at it
     stages: ClassVar[tuple] = ()             # earlier stages (bench.stages.Stage), trained first
+    own_training: ClassVar[bool] = True      # False: the run's training is its last stage (cached, shared)
 
     def __init__(self, cfg: dict[str, Any], model, ema, views, num_classes: int, data: TrainData,
-                 autocast=contextlib.nullcontext):
+                 autocast=contextlib.nullcontext, pl_mode: PseudoLabelMode | None = None):
         self.cfg = cfg
         self.autocast = autocast
         self.model = model
@@ -85,6 +98,11 @@ class Method:
         self.data = data
         self.random = views.random  # the run's StepRandom: every draw derives from (seed, step)
         self._pseudo: dict[str, PseudoLabels] = {}
+        self.pl_mode = pl_mode or PseudoLabelMode()
+        self.policy = None
+        if self.threshold_option is not None:  # the threshold policy: fixed, or adapting to the teacher
+            self.policy = make_policy(cfg, cfg[self.threshold_option], num_classes, data.device, pool=data.unlabeled,
+                                      index_space=data.size, strict=self.strict_threshold)
         self.setup()
 
     # -- what a method implements -------------------------------------------------------------
@@ -111,6 +129,13 @@ class Method:
         if cls.uses_unlabeled and "mu" in cfg and round(cfg["mu"] * cfg["batch_size"]) < 1:
             raise UsageError(f"{cls.name}: --mu {cfg['mu']} x --batch-size {cfg['batch_size']} rounds to no "
                              f"unlabeled image per step; raise --mu or --batch-size")
+        if cfg.get("pl_mode", "on") != "on" and not cls.pseudo_labels:
+            raise UsageError(f"{cls.name}: --pl-mode {cfg['pl_mode']} switches pseudo-labels, and {cls.name} has "
+                             f"none; use it with a semi-supervised method or drop it")
+        # a threshold that adapts from 1/K (freematch) or weights instead of cutting (softmatch)
+        # reads no fixed threshold; the others can never admit above the cap smoothing sets
+        if cls.threshold_option and cfg.get("threshold_policy", "fixed") in ("fixed", "align", "flexmatch"):
+            require_reachable(cls.name, cfg, num_classes, cls.threshold_option, strict=cls.strict_threshold)
 
     def validation_every(self) -> int | None:
         """Steps between extra validation-only readings (e.g. a gate decided more often than the
@@ -125,11 +150,30 @@ class Method:
         """Enter the regime that dominates a long run (e.g. an open gate), so that `bench speed`
         times the full step rather than a warm-up shortcut."""
 
+    @classmethod
+    def ema_from_stage(cls, cfg: dict[str, Any]) -> bool:
+        """Whether the EMA model (a teacher) starts from the previous stage's EMA rather than as
+        a copy of the model the run starts from."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The method's state with its threshold policy's statistics (the engine checkpoints it)."""
+        out = dict(self.state_dict())
+        if self.policy is not None and self.policy.state():
+            out["threshold_policy"] = self.policy.state_dict()
+        return out
+
+    def load_full_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if self.policy is not None and self.policy.state():
+            self.policy.load_state_dict(state.pop("threshold_policy"))
+        self.load_state_dict(state)
 
     @classmethod
     def unlabeled_batch_size(cls, cfg: dict[str, Any]) -> int:
@@ -147,6 +191,16 @@ class Method:
         probs = model(x).float().softmax(dim=1)
         model.train(was_training)
         return probs
+
+    def pseudo_label(self, probs: Tensor, idx: Tensor, name: str = "pl") -> PseudoLabels:
+        """Pseudo-labels of the step's unlabeled images from the teacher's probabilities `probs`
+        (rows as in `batch.u`, training-set indices `idx`): the threshold policy decides and
+        updates; the decision is logged as `<name>_*`; what trains is what the engine's
+        `--pl-mode` lets through (all of it; nothing, for the method's control; the true labels
+        under the same mask, for an oracle)."""
+        pl = self.policy(probs, idx)
+        self.log_pseudo_labels(pl, name)
+        return self.pl_mode(pl)
 
     def log_pseudo_labels(self, pl: PseudoLabels, name: str = "pl") -> None:
         """Report this step's pseudo-labels for the unlabeled batch (`mask`: the images they
@@ -178,16 +232,37 @@ class Method:
         return soft_cross_entropy(self.model(x), targets)
 
     def hard_pseudo_label_loss(self, x: Tensor, pl: PseudoLabels) -> Tensor:
-        """FixMatch's unlabeled loss: CE on the admitted images' hard labels, averaged over ALL
-        the unlabeled images (admitted or not), so its weight grows with the admission rate."""
-        per_sample = F.cross_entropy(self.model(x).float(), pl.labels, reduction="none")
-        return weighted_mean(per_sample * pl.mask.float())
+        """FixMatch's unlabeled loss on views `x`: `pseudo_label_ce` of the model's logits."""
+        return self.pseudo_label_ce(self.model(x), pl)
+
+    @staticmethod
+    def pseudo_label_ce(logits: Tensor, pl: PseudoLabels) -> Tensor:
+        """CE on the admitted images' hard labels, each at its weight (1 admitted, 0 not, or
+        SoftMatch's), averaged over ALL the unlabeled images, so its weight grows with the
+        admission rate."""
+        per_sample = F.cross_entropy(logits.float(), pl.labels, reduction="none")
+        return weighted_mean(per_sample * pl.weights)
 
     def reconstruction_loss(self, x: Tensor, images: Images, mask_ratio: float) -> Tensor:
         """MAE loss of views `x` of `images`, each masked by noise drawn for its own row."""
         noise = self.random.on(images).uniform(self.model.num_patches)
         loss, _, _ = self.model.forward_mae(x, mask_ratio, noise)
         return loss
+
+
+def pseudo_label_options(tau: float, mu: float, lambda_u: float, teacher: str, policy: str = "fixed"
+                         ) -> dict[str, Option]:
+    """The knobs every method with a FixMatch-style unlabeled term shares: its threshold, the
+    unlabeled batch, the term's weight, the teacher and the threshold policy."""
+    return {
+        "tau": Option(tau, "confidence threshold for admitting a pseudo-label (freematch and softmatch policies "
+                      "adapt their own)", group=PSEUDO, **unit_closed()),
+        "mu": Option(mu, "unlabeled images per labeled image in a step", type=float, **positive()),
+        "lambda_u": Option(lambda_u, "weight of the unlabeled loss", type=float, check=lambda v: v >= 0,
+                           check_msg=">= 0"),
+        "teacher": Option(teacher, "pseudo-label source: the online model or its EMA", choices=("online", "ema")),
+        **threshold_options(policy),
+    }
 
 
 def weighted_mean(values: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -7,6 +7,11 @@ from typing import Any, Callable
 
 from bench.errors import UsageError
 
+# Option groups: how `--help` groups the flags, and what an earlier stage takes from the run
+# (bench.stages.Stage.inherits). Named once, here.
+DATA, SPLIT, MODEL, OPTIM, VIEWS, RUN, START, PSEUDO = ("data", "split", "model", "optim", "views", "run", "start",
+                                                        "pseudo-labels")
+
 
 @dataclass(frozen=True)
 class Option:

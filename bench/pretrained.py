@@ -8,11 +8,16 @@ ImageNet takes dozens of GPUs. Two layouts are read, as local files (nothing is 
 - timm's own weight files (a state dict, `.pth` / `.bin` / `.safetensors`, e.g. its `.mae` and
   DINO tags), and checkpoints that wrap one (`state_dict`, a `module.` prefix).
 
+- the suite's own: a cached stage (`<results>/stages/KEY`, its `final.pt`) or a run
+  (`<results>/runs/ID`, its `checkpoint.pt`, or `selected.pt`), keys as the suite's model names
+  them (`vit.`, `decoder.`, `mae_norm.`): the MAE decoder comes too where the run's model has
+  one, and the classifier head where it has the same shape (the suite's own classifier).
+
 The mapping is strict: every encoder tensor of the run's model (patch embedding, class and
 register tokens, position embedding, blocks, final norm) must come from the file, or the run
 stops in one line naming what is missing. A position table for another grid is resampled
-(bicubic, prefix tokens kept). The head is never loaded (another label set) and is re-drawn as
-MAE fine-tunes; an average-pooling model's `fc_norm` is fresh too (MAE's recipe), and the file's
+(bicubic, prefix tokens kept). An MAE or timm file's head is never loaded (another label set)
+and is re-drawn as MAE fine-tunes, and its decoder is not read; an average-pooling model's `fc_norm` is fresh too (MAE's recipe), and the file's
 final `norm` then initialises the MAE branch's latent norm where the model has one.
 """
 from __future__ import annotations
@@ -31,8 +36,19 @@ ENCODER_PREFIXES = ("patch_embed.", "cls_token", "reg_token", "dist_token", "pos
                     "norm_pre.")
 
 
+def suite_file(path: Path) -> Path:
+    """The weight file of a suite folder: a stage's final.pt, a run's checkpoint.pt or selected.pt."""
+    if not path.is_dir():
+        return path
+    for name in ("final.pt", "checkpoint.pt", "selected.pt"):
+        if (path / name).is_file():
+            return path / name
+    raise UsageError(f"--init-from {path}: a folder without final.pt, checkpoint.pt or selected.pt; give a "
+                     f"stage folder (<results>/stages/KEY), a run folder (<results>/runs/ID) or a weight file")
+
+
 def read_state(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weight file in either layout, keys as timm names them."""
+    """The tensors of a weight file in any of the layouts, keys as the file names them."""
     where = f"--init-from {path}"
     try:
         if path.suffix == ".safetensors":
@@ -46,7 +62,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
         raise UsageError(f"{where}: not a weight file torch can read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]})") from None
-    for key in ("model", "state_dict", "model_state"):
+    for key in ("model", "state_dict", "model_state"):  # MAE's, timm wrappers', the suite's (raw model)
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
@@ -58,10 +74,40 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_into(path: str | Path, model) -> dict[str, Any]:
     """Load the file's encoder into `model` (a ViTMAE), strictly; returns what was done."""
-    from timm.layers import resample_abs_pos_embed
-    path = Path(path).expanduser()
-    where = f"--init-from {path}"
+    path = suite_file(Path(path).expanduser())
     state = read_state(path)
+    if any(k.startswith("vit.") for k in state):
+        return _load_suite(path, state, model)
+    return _load_timm(path, state, model)
+
+
+def _load_suite(path: Path, state: dict[str, torch.Tensor], model) -> dict[str, Any]:
+    """The suite's own stage or run weights: the encoder strictly, the decoder and latent norm
+    where the model has them, the head where its shape matches."""
+    own = model.state_dict()
+    encoder = [k for k in own if k.startswith("vit.") and not k.startswith("vit.head")]
+    bad = [k for k in encoder if k not in state or state[k].shape != own[k].shape]
+    if bad:
+        raise UsageError(f"--init-from {path}: its encoder does not fit the run's model ({bad[0]} "
+                         f"{'is missing' if bad[0] not in state else tuple(state[bad[0]].shape)}); match --encoder, "
+                         f"--embed-dim, --depth, --patch-size and --img-size to the run that made it")
+    take = {k: state[k] for k in encoder}
+    parts = ["encoder"]
+    for part in ("decoder.", "mae_norm.", "vit.head."):
+        mine = [k for k in own if k.startswith(part)]
+        if mine and all(k in state and state[k].shape == own[k].shape for k in mine):
+            take.update({k: state[k] for k in mine})
+            parts.append(part.rstrip(".").replace("vit.", ""))
+    with torch.no_grad():
+        model.load_state_dict(take, strict=False)
+    return {"file": str(path), "sha256": file_digest(path), "tensors": len(take), "layout": "ssvit-bench",
+            "loaded": parts, "head_loaded": "head" in parts, "notes": [], "not_loaded": []}
+
+
+def _load_timm(path: Path, state: dict[str, torch.Tensor], model) -> dict[str, Any]:
+    """MAE's or timm's encoder, strictly, resampling the position table to the model's grid."""
+    from timm.layers import resample_abs_pos_embed
+    where = f"--init-from {path}"
     vit = model.vit
     own = vit.state_dict()
     wanted = [k for k in own if k.startswith(ENCODER_PREFIXES)]

@@ -20,6 +20,41 @@ class PseudoLabels:
     labels: Tensor       # (N,) argmax class
     conf: Tensor | None  # (N,) max probability (None: labels recalled from a memory)
     mask: Tensor         # (N,) bool, admitted
+    weight: Tensor | None = None  # (N,) soft weights (SoftMatch); None: the mask's 0 / 1
+
+    @property
+    def weights(self) -> Tensor:
+        """Each image's weight in the unlabeled loss: its soft weight, else 1 if admitted."""
+        return self.weight if self.weight is not None else self.mask.float()
+
+
+PL_MODES = ("on", "off", "oracle")
+
+
+class PseudoLabelMode:
+    """The engine's switch on what a method's pseudo-labels train (`--pl-mode`): `on`, as
+    admitted; `off`, nothing (the method's control: the same run, same random numbers, its
+    unlabeled term switched off); `oracle`, the true labels under the method's own admission
+    mask (a diagnostic ceiling, never a default). The method never reads the truth: the engine
+    hands it to this switch, for the unlabeled batch of the step, in oracle runs only."""
+
+    def __init__(self, mode: str = "on"):
+        assert mode in PL_MODES, mode
+        self.mode = mode
+        self._truth: Tensor | None = None
+
+    def begin_step(self, y_unlabeled: Tensor | None) -> None:
+        """The engine's call before a step: the unlabeled batch's true labels, kept for an oracle."""
+        self._truth = y_unlabeled if self.mode == "oracle" else None
+
+    def __call__(self, pl: PseudoLabels) -> PseudoLabels:
+        """The pseudo-labels of the step's unlabeled batch (rows as in the batch) that train."""
+        if self.mode == "on":
+            return pl
+        if self.mode == "off":
+            none = torch.zeros_like(pl.mask)
+            return PseudoLabels(pl.labels, pl.conf, none, None if pl.weight is None else torch.zeros_like(pl.weight))
+        return PseudoLabels(self._truth.to(pl.labels.device), pl.conf, pl.mask, pl.weight)
 
 
 @torch.no_grad()
@@ -61,7 +96,7 @@ def admission_logs(pl: PseudoLabels, y_true: Tensor, name: str = "pl") -> dict[s
     as a (numerator, denominator) pair of this step's counts (no host sync), so a log window
     divides sums over the steps it saw: a rate logged only while a gate is open is averaged over
     those steps, and precision over the labels admitted."""
-    mask = pl.mask.float()
+    mask = pl.weights.float()  # a soft weight counts as that share of an admission
     n = torch.full((), float(len(mask)), device=mask.device)
     logs = {f"{name}_rate": torch.stack([mask.sum(), n]),
             f"{name}_precision": torch.stack([((pl.labels == y_true).float() * mask).sum(), mask.sum()])}

@@ -51,6 +51,7 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
                 row.update(gate_of(metrics))
                 row.update(budget_of(result, cell.method))
                 row["val_images"] = val_images(run_dir)
+                row["start"] = start_label(read_json(run_dir / "config.json"), cell.method)
                 row.update(provenance(record))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -59,13 +60,24 @@ def collect(spec: StudySpec, study, cells: list[Cell], results_dir: Path) -> pd.
 BUDGET = ("labeled_images", "unlabeled_images", "forward_images")
 
 
+def start_label(config: dict, method: str) -> str | None:
+    """Where a run's weights started (a record made before the option existed: its default)."""
+    from bench.config import defaults
+    from bench.stages import describe_start
+    if not config:
+        return None
+    cls = get_method(method)
+    return describe_start({**defaults(cls), **config}, cls)
+
+
 def budget_of(result: dict, method: str) -> dict[str, Any]:
     """A run's budget with its earlier stages': optimizer steps per stage in pipeline order
     ("6000 + 500 + 2000": pretraining, fine-tuning, own), and labeled, unlabeled and forward-pass
     images summed over all of them."""
     stages = result.get("stages") or []
     if isinstance(stages, dict):  # records that keyed stages by name: the method declares the order
-        stages = [stages[s.name] for s in get_method(method).stages if s.name in stages]
+        from bench.stages import PRETRAIN
+        stages = [stages[s.name] for s in (PRETRAIN, *get_method(method).stages) if s.name in stages]
     parts = [s.get("budget") or {} for s in stages] + [result.get("budget") or {}]
     if not parts[-1]:
         return {}
@@ -174,7 +186,8 @@ def budget_table(df: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
         label = first["method"] + (f" [{first['variant']}]" if isinstance(first["variant"], str) else "")
         label += "".join(f" {a}={first[a]}" for a in spec.axes)
         run = done.iloc[0] if len(done) and "steps" in done and pd.notna(done.iloc[0]["steps"]) else None
-        row = {"label": label, "steps (stages + own)": run["steps"] if run is not None else "—"}
+        row = {"label": label, "start": run["start"] if run is not None and isinstance(run.get("start"), str) else "—",
+               "steps (stages + own)": run["steps"] if run is not None else "—"}
         for k in BUDGET:
             row[f"{k.replace('_', ' ')} (k)"] = f"{run[k] / 1e3:,.0f}" if run is not None else "—"
         # what checkpoint selection (and SSMAE's gate) read: at small label budgets, a handful

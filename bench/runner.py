@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,13 @@ from bench.distributed import broadcast, world
 from bench.distributed.faults import recording_failure
 from bench.engine import Trainer, pick_device
 from bench.errors import Interrupted, PeerLost, RunStopped, UsageError
-from bench.io import atomic_write_text
+from bench.io import atomic_write_text, read_json
 from bench.method import get_method
 from bench.model import build_model
 from bench.pretrained import load_into
 from bench.split_files import check_budget, read_split_file
 from bench.splits import split_for
-from bench.stages import run_stage, save_final, skipped, stage_config, stage_key, stage_result
+from bench.stages import StageCurves, describe_start, plan, run_stage, save_final, stage_curves, stage_key, stage_result
 from bench.tracking import RunHandle, SacredInterrupt, mongo_observer, prepare_runs_dir, runs_dir, tracked_run
 
 
@@ -53,11 +54,8 @@ def check_feasible(cfg: dict[str, Any], data, cache_dir: Path):
     split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir, labeled_from, info)
     method_cls = get_method(cfg["method"])
     method_cls.check(cfg, data.num_classes, split)
-    for stage in method_cls.stages:  # a stage's options are checked as the stage reads them
-        stage_cls = get_method(stage.method)
-        if skipped(cfg, stage, stage_cls):
-            continue  # a pretraining stage that does not run
-        stage_cls.check(stage_config(cfg, stage, stage_cls), data.num_classes, split)
+    for p in plan(cfg, method_cls):  # a stage's options are checked as the stage reads them
+        p.method_cls.check(p.cfg, data.num_classes, split)
     return split
 
 
@@ -72,6 +70,8 @@ def check_resumable(cfg: dict[str, Any], run_dir: Path) -> int:
     status = json.loads((run_dir / "run.json").read_text()).get("status") if (run_dir / "run.json").exists() else None
     if status == "COMPLETED":
         raise UsageError(f"run {run_dir.name} already COMPLETED; start a new run instead of --resume")
+    if not get_method(cfg["method"]).own_training:
+        return 0  # its training is a stage, which resumes from its own checkpoint
     ckpt = run_dir / "checkpoint.pt"
     if not ckpt.is_file():
         raise UsageError(f"run {run_dir.name} has no checkpoint to resume from; start it anew")
@@ -85,10 +85,8 @@ def check_world(cfg: dict[str, Any], world_size: int) -> None:
         return
     method_cls = get_method(cfg["method"])
     counts = step_counts(cfg, method_cls, "")
-    for stage in method_cls.stages:
-        stage_cls = get_method(stage.method)
-        if not skipped(cfg, stage, stage_cls):
-            counts += step_counts(stage_config(cfg, stage, stage_cls), stage_cls, stage.prefix)
+    for p in plan(cfg, method_cls):
+        counts += step_counts(p.cfg, p.method_cls, p.stage.prefix)
     for name, n in counts:
         if n % world_size:
             raise UsageError(f"{name} gives {n} images per step, which {world_size} ranks cannot share equally "
@@ -151,7 +149,9 @@ def initial_weights(cfg: dict[str, Any], num_classes: int) -> tuple[dict, dict]:
     from the file), as stage weights; and what was loaded, for the run record."""
     model = build_model(cfg, num_classes, with_decoder=True)
     info = load_into(cfg["init_from"], model)
-    state = model.state_dict()
+    # only what came from the file travels on (an MAE or timm file's decoder is not read)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("decoder.") or "decoder" in info.get("loaded", [])}
     return {"model": state, "ema": state}, info
 
 
@@ -216,17 +216,23 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 atomic_write_text(run.dir / "split.json", split.to_json())
             if p.init is not None:
                 run.set_info("init_from", p.init[1])
-            weights, keep_head, stages = train_stages(cfg, method_cls, data, split, run, p.init)
+            run.set_info("start", start_of(cfg, method_cls, p.init))
+            if cfg.get("pl_mode") == "oracle":
+                run.set_info("oracle", "a diagnostic: its pseudo-labels are the true labels under its own admission mask")
+            weights, keep_head, stages, own = train_stages(cfg, method_cls, data, split, run, p.init, on_validation)
             start = time.perf_counter()
-            trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
-                              on_validation=on_validation, warn=run.warn, on_progress=progress_writer(""))
-            if resume_at is not None:
-                trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
-                run.set_info("resumed_from_step", trainer.step)
-            elif weights is not None:
-                trainer.init_from(weights, keep_head)
-                run.set_info("init", trainer.init)
-            result = trainer.run(progress=cfg["progress"])
+            if own is not None:  # the run's training is its last stage (trained now, or reused)
+                result = own
+            else:
+                trainer = Trainer(cfg, method_cls, data, split, run.dir, log=run.log_scalar, flush=run.flush,
+                                  on_validation=on_validation, warn=run.warn, on_progress=progress_writer(""))
+                if resume_at is not None:
+                    trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
+                    run.set_info("resumed_from_step", trainer.step)
+                elif weights is not None:
+                    trainer.init_from(weights, keep_head, method_cls.ema_from_stage(cfg))
+                    run.set_info("init", trainer.init)
+                result = trainer.run(progress=cfg["progress"])
         except BaseException as e:
             recording_failure()
             lost = w.distributed and is_peer_failure(e)
@@ -247,8 +253,10 @@ def execute(cfg: dict[str, Any], resume: str | None = None, log=print, on_valida
                 raise RunStopped(f"run {run.id} stopped: cannot write to {where} ({e.strerror or e}); "
                                  f"{kept(run.dir, run.id)} once the directory is writable again") from None
             raise
-        # this run's own steps; its earlier stages' cost (cached or not) is reported beside it
-        result["minutes"] = (time.perf_counter() - start) / 60
+        # this run's own steps (a stage's: the minutes it took to train); its earlier stages' cost
+        # (cached or not) is reported beside it
+        if own is None:
+            result["minutes"] = (time.perf_counter() - start) / 60
         result["stage_minutes"] = sum(s["minutes"] for s in stages.values())
         # a list: the record's JSON sorts mapping keys, and a stage's place in the pipeline matters
         result["stages"] = [{"name": name, "minutes": s["minutes"], "reused": s["reused"], "budget": s["budget"]}
@@ -300,45 +308,100 @@ def kept(run_dir: Path, run_id: str) -> str:
     return f"its checkpoint at step {step} is kept; continue with `--resume {run_id}`"
 
 
-def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle, init: tuple[dict, dict] | None = None):
-    """Train (or reuse from the stage cache) the method's earlier stages, in order; returns the
-    last stage's weights, whether its classifier head carries over, and per stage its cache key,
+def start_of(cfg: dict[str, Any], method_cls, init: tuple[dict, dict] | None) -> str:
+    """Where the run's weights start, in words (the record's `start`)."""
+    if init is not None:
+        return f"file {Path(init[1]['file']).name} (sha256 {init[1]['sha256'][:12]})"
+    return describe_start(cfg, method_cls)
+
+
+def train_stages(cfg: dict[str, Any], method_cls, data, split, run: RunHandle, init: tuple[dict, dict] | None = None,
+                 on_validation=None):
+    """Train (or reuse from the stage cache) the run's planned stages, in order; returns the last
+    stage's weights, whether its classifier head carries over, per earlier stage its cache key,
     whether it was reused, the minutes it took to train (by this run or an earlier one) and its
-    budget (steps, images drawn, forward-pass images)."""
+    budget, and, for a method whose training is its last stage, that stage's result (else None)."""
     weights, keep_head, previous = None, False, None
-    if init is not None:  # published weights stand in for MAE pretraining
-        weights, previous = init[0], f"init:{init[1]['sha256']}"
+    if init is not None:  # a weight file stands in for MAE pretraining (the suite's own: with its head)
+        weights, keep_head, previous = init[0], init[1].get("head_loaded", False), f"init:{init[1]['sha256']}"
+    planned = plan(cfg, method_cls)
     stages_info: dict[str, dict] = {}
-    for stage in method_cls.stages:
-        stage_cls = get_method(stage.method)
-        skip = skipped(cfg, stage, stage_cls)
-        if skip:  # published weights, or none, stand in for MAE pretraining
-            stages_info[stage.name] = {"skipped": skip, "reused": True, "minutes": 0.0, "budget": {}}
-            run.set_info("stages", stages_info)
-            continue
-        scfg = stage_config(cfg, stage, stage_cls)
-        key = stage_key(scfg, stage_cls, previous, data.source_hash, split.hash)
+    own = None
+    for i, p in enumerate(planned):
+        is_own = not method_cls.own_training and i == len(planned) - 1
+        key = stage_key(p.cfg, p.method_cls, previous, data.source_hash, split.hash)
         stage_dir = Path(cfg["results_dir"]) / "stages" / key
-        prior, prior_keep_head = weights, keep_head
-
-        def train(stage_dir: Path) -> None:
-            log = lambda name, value, step: run.log_scalar(f"{stage.name}.{name}", value, step)
-            trainer = Trainer(scfg, stage_cls, data, split, stage_dir, log=log, flush=run.flush,
-                              on_progress=progress_writer(stage.name))
-            if broadcast(trainer.ckpt_path.exists()):  # an interrupted stage continues where it stopped
-                trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
-            elif prior is not None:
-                trainer.init_from(prior, prior_keep_head)
-            start = time.perf_counter()
-            result = trainer.run(progress=cfg["progress"])
-            result["minutes"] = (time.perf_counter() - start) / 60
-            if world().is_main:
-                save_final(stage_dir, trainer.model, trainer.ema.model, scfg, result, trainer.init)
-
-        weights, reused = run_stage(stage_dir, train)
-        keep_head, previous = stage.keep_head, key
+        job = StageJob(p, data, split, run, weights, keep_head, own=is_own, on_validation=on_validation,
+                       progress=cfg["progress"])
+        weights, reused = run_stage(stage_dir, job.train)
+        keep_head, previous = p.stage.keep_head, key
         done = stage_result(stage_dir)
-        stages_info[stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused,
-                                   "minutes": done.get("minutes", 0.0), "budget": done.get("budget", {})}
+        if is_own:
+            own = {**done, "stage_key": key, "reused": reused}
+            if reused:
+                job.replay(stage_dir)
+            continue
+        stages_info[p.stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused,
+                                     "minutes": done.get("minutes", 0.0), "budget": done.get("budget", {})}
         run.set_info("stages", stages_info)
-    return weights, keep_head, stages_info
+    return weights, keep_head, stages_info, own
+
+
+class StageJob:
+    """One stage's training for a run: a Trainer on the stage's config in the stage's folder,
+    started from the previous stage's weights (or resumed from its own checkpoint), its curves
+    logged into the run (prefixed by the stage's name, unless it is the run's own training) and
+    kept in the stage's folder."""
+
+    def __init__(self, planned, data, split, run, prior, keep_head: bool, own: bool, on_validation, progress: bool):
+        self.p, self.data, self.split, self.run = planned, data, split, run
+        self.prior, self.keep_head, self.own = prior, keep_head, own
+        self.on_validation, self.progress = (on_validation if own else None), progress
+        self.prefix = "" if own else f"{planned.stage.name}."
+
+    def train(self, stage_dir: Path) -> None:
+        p = self.p
+        ckpt = stage_dir / "checkpoint.pt"
+        resume_step = checkpoint.saved_step(ckpt) if broadcast(ckpt.exists()) and world().is_main else None
+        resume_step = broadcast(resume_step)
+        curves = StageCurves(stage_dir, resume_step)
+
+        def log(name: str, value: float, step: int) -> None:
+            curves.log(name, value, step)
+            self.run.log_scalar(self.prefix + name, value, step)
+
+        def flush() -> None:
+            curves.flush()
+            self.run.flush()
+
+        trainer = Trainer(p.cfg, p.method_cls, self.data, self.split, stage_dir, log=log, flush=flush,
+                          on_validation=self.on_validation, warn=self.run.warn if self.own else (lambda m: None),
+                          on_progress=progress_writer("" if self.own else p.stage.name))
+        if resume_step is not None:  # an interrupted stage continues where it stopped
+            trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
+        elif self.prior is not None:
+            trainer.init_from(self.prior, self.keep_head)
+        start = time.perf_counter()
+        result = trainer.run(progress=self.progress)
+        result["minutes"] = (time.perf_counter() - start) / 60
+        if world().is_main:
+            curves.flush()
+            save_final(stage_dir, trainer.model, trainer.ema.model, p.cfg, result, trainer.init)
+        if self.own:
+            self.run.set_info("init", trainer.init)
+            self.keep_selected(stage_dir)
+
+    def keep_selected(self, stage_dir: Path) -> None:
+        """The run's own training is a stage: its validation-selected model also lives in the run."""
+        if world().is_main and (stage_dir / "selected.pt").is_file():
+            shutil.copyfile(stage_dir / "selected.pt", self.run.dir / "selected.pt")
+
+    def replay(self, stage_dir: Path) -> None:
+        """A reused stage that is the run's training: its curves and selected model become the run's."""
+        for name, series in stage_curves(stage_dir).items():
+            for step, value in zip(series["steps"], series["values"]):
+                self.run.log_scalar(name, value, step)
+        info = read_json(stage_dir / "stage.json").get("init")
+        if info:
+            self.run.set_info("init", info)
+        self.keep_selected(stage_dir)

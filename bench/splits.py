@@ -61,14 +61,15 @@ def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
                labels_per_class: int | None = None, val_fraction: float = 0.1,
                unlabeled_pool: str = "all", seed: int = 0, source_hash: str = "",
                labeled_from: np.ndarray | None = None, split_file: dict | None = None,
-               val_from: str = "labeled") -> Split:
+               val_from: str = "labeled", val_per_class: int | None = None) -> Split:
     """Draw a class-balanced split of training labels `y` (deterministic in its arguments).
 
     The labeled budget is a share of each class, or the images a split file names
     (`labeled_from`). Validation is carved out of that budget (`val_from="labeled"`, the default:
     the run trains on fewer labels than the budget) or drawn from the other training images of
     each class (`"unlabeled"`: their labels are read for validation only, and they leave the
-    unlabeled pool), val_fraction of the class's labeled count, at least one."""
+    unlabeled pool), val_fraction of the class's labeled count, at least one, or `val_per_class`
+    images of each class."""
     counts = np.bincount(y, minlength=num_classes)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5117]))
     labeled, val = [], []
@@ -84,12 +85,16 @@ def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
                          f"out of it needs 1 and training 1: raise --label-fraction or --labels-per-class, or "
                          f"take validation from the unlabeled images with --val-from unlabeled")
     for c, members in enumerate(chosen):
+        wanted = val_per_class if val_per_class is not None else max(1, int(round(budget[c] * val_fraction)))
         if val_from == "labeled":
-            n_val = min(max(1, int(round(budget[c] * val_fraction))), budget[c] - 1)
+            if val_per_class is not None and val_per_class >= budget[c]:
+                raise UsageError(f"--val-per-class {val_per_class} leaves no labeled image in class {c} (its budget "
+                                 f"is {int(budget[c])}); lower it or use --val-from unlabeled")
+            n_val = min(wanted, budget[c] - 1)
             val.append(members[:n_val])
             labeled.append(members[n_val:])
         else:
-            n_val = max(1, int(round(budget[c] * val_fraction)))
+            n_val = wanted
             rest = rng.permutation(np.setdiff1d(np.flatnonzero(y == c), members))
             if len(rest) < n_val:
                 raise UsageError(f"class {c} has {len(rest)} unlabeled image(s), fewer than the {n_val} validation "
@@ -108,6 +113,8 @@ def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
         # the file by its content: the same subset at another path is the same split
         key.update(split_file={k: v for k, v in (split_file or {}).items() if k != "file"} or None,
                    val_from=val_from)
+    if val_per_class is not None:
+        key["val_per_class"] = val_per_class
     return Split(labeled_idx.astype(np.int64), val_idx.astype(np.int64), unlabeled_idx.astype(np.int64), key)
 
 
@@ -117,7 +124,8 @@ def split_for(cfg: dict[str, Any], y: np.ndarray, num_classes: int, source_hash:
     split = make_split(y, num_classes, label_fraction=cfg["label_fraction"],
                        labels_per_class=cfg["labels_per_class"], val_fraction=cfg["val_fraction"],
                        unlabeled_pool=cfg["unlabeled_pool"], seed=cfg["seed"], source_hash=source_hash,
-                       labeled_from=labeled_from, split_file=split_file, val_from=cfg.get("val_from", "labeled"))
+                       labeled_from=labeled_from, split_file=split_file, val_from=cfg.get("val_from", "labeled"),
+                       val_per_class=cfg.get("val_per_class"))
     key_hash = hashlib.sha256(json.dumps(split.key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache_dir) / "splits" / f"{key_hash}.json"
     if path.exists():

@@ -1,15 +1,18 @@
-"""Multi-stage methods: earlier stages are content-addressed and reused.
+"""Multi-stage training: earlier stages are declared, planned once, content-addressed and reused.
 
-A method declares `stages = (Stage("pretrain", "mae_pretrain", "pretrain_", inherits=...), ...)`.
-Before the method's own training, each stage is trained with its own registered method on a
-config made of the run's core options in the groups the stage inherits (data, split, model, run
-mechanics; a fine-tuning stage also optimisation and views), the core defaults for the rest,
-overridden by the run's options that carry the stage's prefix (`--pretrain-steps 800` -> the
-stage's `steps`). MAE pretraining thus never picks up the fine-tuning recipe (layer decay,
-smoothing, mixing). The stage's result is cached under `<results_dir>/stages/<hash>/`, keyed by
-what the stage reads, so a sweep over fine-tuning knobs pretrains once and methods with the same
-pretraining share one encoder. A stage killed mid-way resumes from its own checkpoint the next
-time any run needs it; concurrent runs needing one stage wait for each other (file lock).
+A `Stage` names the registered method it trains, the option groups it takes from the run (the
+rest start from that method's defaults) and the options a run may set for it, `--<prefix><name>`
+(`--pretrain-steps 800` -> the stage's `steps`). Those options are generated from the core's own
+declarations (type, range, help), so a stage never restates them. `plan(cfg, method)` is the one
+list of stages a run trains, with each stage's resolved config: every caller (the checks, the
+world-size check, the runner) reads the same plan.
+
+Every classifying method may start from the MAE pretraining stage (`--start mae`); mae_finetune
+and semi_vit do by default. The stage's result is cached under `<results_dir>/stages/<hash>/`,
+keyed by what the stage reads and the stages before it, so every method of a seed shares one MAE
+encoder, and Semi-ViT's supervised stage is the very fine-tune mae_finetune reports (its run IS
+that stage: `Method.own_training = False`). A stage killed mid-way resumes from its own checkpoint
+the next time any run needs it; concurrent runs needing one stage wait for each other (file lock).
 """
 from __future__ import annotations
 
@@ -17,63 +20,112 @@ import contextlib
 import fcntl
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from bench import checkpoint
-from bench.config import IDENTITY_EXCLUDED
 from bench.distributed import barrier, broadcast, world
-from bench.io import atomic_write_text
+from bench.io import atomic_write_text, read_json
+from bench.options import DATA, MODEL, OPTIM, RUN, SPLIT, VIEWS, Option
 
-# Bumped when what a stage computes from the same config changes (2: images and augmentations
-# drawn from (seed, step)), so older cached stages are not reused.
-STAGE_FORMAT = 2
-SPLIT_KEYS = {"label_fraction", "labels_per_class", "val_fraction", "unlabeled_pool", "split_file", "split_format",
-              "val_from"}
+# Bumped when what a stage computes from the same config changes, or what keys it, so older
+# cached stages are not reused (2: images and augmentations drawn from (seed, step); 3: stage
+# configs hold only the stage method's options, the pretraining stage is shared by every method).
+STAGE_FORMAT = 3
+
+EVERY_GROUP = (DATA, SPLIT, MODEL, OPTIM, VIEWS, RUN)  # a fine-tune: everything but the start and pseudo-labels
+SPLIT_KEYS = {"label_fraction", "labels_per_class", "val_fraction", "val_per_class", "unlabeled_pool", "split_file",
+              "split_format", "val_from"}
 MECHANICS_KEYS = {"eval_every", "ckpt_every", "log_every"}
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str              # e.g. "pretrain"
-    method: str            # registered method trained in this stage
-    prefix: str            # run options "<prefix>key" set the stage's "key"
-    keep_head: bool = False  # carry the classifier head into the next stage (False after MAE)
-    # option groups (bench.config) taken from the run; the others start from the core defaults
-    inherits: tuple[str, ...] = ("data", "split", "model", "optim", "views", "run")
+    name: str                 # e.g. "pretrain"
+    method: str               # registered method trained in this stage
+    prefix: str               # run options "<prefix>key" set the stage's "key"; "" = the run's own options
+    inherits: tuple[str, ...] = EVERY_GROUP  # option groups taken from the run; the others: the stage method's defaults
+    # options a run may set for this stage, with the stage's default (None: the run's value)
+    settable: dict[str, Any] = field(default_factory=dict)
+    keep_head: bool = False   # carry the classifier head into the next stage (False after MAE)
+    about: str = ""           # how the generated options' help names the stage
 
 
-def skipped(cfg: dict[str, Any], stage: Stage, method_cls) -> str | None:
-    """Why a label-free pretraining stage does not run (published weights or no pretraining
-    stand in for it), or None when it runs."""
-    if method_cls.classifies:
-        return None
+# MAE pretraining takes data, split, architecture and run mechanics from the run, never its
+# fine-tuning recipe (no layer decay, smoothing or mixing); the official recipe scaled to CIFAR.
+PRETRAIN = Stage("pretrain", "mae_pretrain", "pretrain_", inherits=(DATA, SPLIT, MODEL, RUN),
+                 settable={"steps": 5000, "batch_size": 256, "lr": 1.5e-4, "warmup_steps": 250,
+                           "weight_decay": 0.05, "beta2": 0.95, "drop_path": 0.0, "mask_ratio": 0.75},
+                 about="MAE pretraining")
+
+
+def stage_options(stage: Stage) -> dict[str, Option]:
+    """The run options that set `stage`'s knobs, generated from the declarations of the core
+    option or stage-method option each one sets."""
+    from bench.config import CORE_OPTIONS
+    from bench.method import get_method
+    own = get_method(stage.method).options
+    out = {}
+    for name, default in stage.settable.items():
+        base = CORE_OPTIONS.get(name) or own[name]
+        unset = "" if default is not None else " (unset: the run's)"
+        out[stage.prefix + name] = Option(default, f"{stage.about}: {base.help}{unset}", type=base.kind,
+                                          choices=base.choices, check=base.check, check_msg=base.check_msg,
+                                          group=stage.name)
+    return out
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    stage: Stage
+    method_cls: type
+    cfg: dict[str, Any]       # the stage's resolved config
+
+
+def starts_from_mae(cfg: dict[str, Any], method_cls) -> bool:
+    """Whether the run trains (or reuses) the MAE pretraining stage: `--start mae`, for a
+    classifying method, unless `--init-from` stands in for it."""
+    return cfg.get("start") == "mae" and method_cls.classifies and not cfg.get("init_from")
+
+
+def describe_start(cfg: dict[str, Any], method_cls) -> str:
+    """Where a run's weights start, in words: "scratch", "MAE 6000 steps", "MAE 6000 steps ->
+    finetune 2000 steps" (its earlier stages, not the run's own training), "file NAME"."""
     if cfg.get("init_from"):
-        return f"--init-from {cfg['init_from']}"
-    if cfg.get(f"{stage.prefix}steps") == 0:
-        return f"--{stage.prefix.replace('_', '-')}steps 0: no pretraining"
-    return None
+        parts = [f"file {Path(cfg['init_from']).name}"]
+    elif starts_from_mae(cfg, method_cls):
+        parts = [f"MAE {cfg.get('pretrain_steps')} steps"]
+    else:
+        parts = ["scratch"]
+    earlier = method_cls.stages if method_cls.own_training else method_cls.stages[:-1]
+    parts += [f"{s.name} {cfg.get(s.prefix + 'steps') or cfg.get('steps')} steps" for s in earlier]
+    return " -> ".join(parts)
+
+
+def plan(cfg: dict[str, Any], method_cls) -> list[PlannedStage]:
+    """The stages a run trains before its own training, in order, each with its config."""
+    from bench.method import get_method
+    stages = ([PRETRAIN] if starts_from_mae(cfg, method_cls) else []) + list(method_cls.stages)
+    return [PlannedStage(s, get_method(s.method), stage_config(cfg, s, get_method(s.method))) for s in stages]
 
 
 def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any]:
-    """The stage's resolved config: the run's core options of the groups the stage inherits
-    (the stage method's defaults for the others, and for its own options) < the run's prefixed
-    options."""
+    """The stage's resolved config: the run's core options of the groups the stage inherits (the
+    stage method's defaults for the others, and for its own options) < the stage's settable
+    options, at the run's value where the run sets them, else the stage's default."""
     from bench.config import CORE_OPTIONS, defaults
     base = defaults(method_cls)
     scfg = {k: cfg[k] if opt.group in stage.inherits else base[k] for k, opt in CORE_OPTIONS.items()}
     scfg.update({k: base[k] for k in method_cls.options})
-    for key, value in cfg.items():
-        if key.startswith(stage.prefix):
-            name = key[len(stage.prefix):]
-            options = {**CORE_OPTIONS, **method_cls.options}
-            assert name in options, f"stage option {key} names no option of {method_cls.name}"
-            if value is None:  # unset: the stage keeps the run's value
-                continue
-            scfg[name] = options[name].convert(name, value, flag=key)  # errors name the run's flag
+    for name in stage.settable:
+        value = cfg.get(stage.prefix + name)
+        if value is not None:  # unset: the stage keeps the run's (or its method's) value
+            scfg[name] = value
+    if not stage.prefix:  # the run's own training: its options are the stage's
+        scfg.update({k: cfg[k] for k in method_cls.options if k in cfg})
     scfg["method"], scfg["preset"] = method_cls.name, cfg.get("preset")
     if cfg.get("store_used"):  # decided once per run: every stage reads the same store
         scfg["store_used"] = cfg["store_used"]
@@ -82,6 +134,7 @@ def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any
 
 def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_hash: str, split_hash: str) -> str:
     """Hash of everything that determines a stage's weights."""
+    from bench.config import IDENTITY_EXCLUDED
     # a split file counts by its content (its sha256 is in the split's hash), not by its path
     ignored = IDENTITY_EXCLUDED | MECHANICS_KEYS | {"preset", "split_file"}
     if not method_cls.uses_labeled:
@@ -121,23 +174,54 @@ def save_final(stage_dir: Path, model: torch.nn.Module, ema_model: torch.nn.Modu
 
 def stage_result(stage_dir: Path) -> dict[str, Any]:
     """The recorded result of a trained stage ({} if it has none)."""
-    try:
-        return json.loads((stage_dir / "stage.json").read_text())["result"]
-    except (OSError, ValueError, KeyError):
-        return {}
+    return read_json(stage_dir / "stage.json").get("result") or {}
 
 
-def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: bool) -> None:
+class StageCurves:
+    """A stage's logged curves, kept in its folder (`metrics.json`) so that a run reusing the
+    stage can show them; written at every flush, cut back to the checkpoint on a resume."""
+
+    def __init__(self, stage_dir: Path, resume_step: int | None = None):
+        self.path = Path(stage_dir) / "metrics.json"
+        self.series: dict[str, dict[str, list]] = {}
+        if resume_step is not None:
+            for name, s in read_json(self.path).items():
+                keep = [i for i, t in enumerate(s["steps"]) if t <= resume_step]
+                self.series[name] = {"steps": [s["steps"][i] for i in keep], "values": [s["values"][i] for i in keep]}
+
+    def log(self, name: str, value: float, step: int) -> None:
+        s = self.series.setdefault(name, {"steps": [], "values": []})
+        s["steps"].append(int(step))
+        s["values"].append(float(value))
+
+    def flush(self) -> None:
+        if world().is_main:
+            atomic_write_text(self.path, json.dumps(self.series))
+
+
+def stage_curves(stage_dir: Path) -> dict[str, dict[str, list]]:
+    """The curves a trained stage logged ({} for a stage cached before they were kept)."""
+    return read_json(Path(stage_dir) / "metrics.json")
+
+
+def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: bool) -> list[str]:
     """Load encoder (and, if `keep_head`, classifier) weights with an explicit key mapping:
-    every encoder weight must load; only the head and decoder may differ between stages. A head
-    that does not carry over is re-drawn as MAE and Semi-ViT fine-tune from a pretrained encoder:
-    truncated normal with std 2e-5, zero bias, so the first steps do not disturb the encoder."""
+    every encoder weight must load; the MAE decoder (and the MAE branch's latent norm) loads
+    where both sides have one, so a method that reconstructs continues the pretraining's
+    decoder. A head that does not carry over is re-drawn as MAE and Semi-ViT fine-tune from a
+    pretrained encoder: truncated normal with std 2e-5, zero bias, so the first steps do not
+    disturb the encoder. Returns the parts loaded besides the encoder."""
     own = model.state_dict()
     take = {k: v for k, v in state.items() if k.startswith("vit.") and (keep_head or not k.startswith("vit.head"))}
-    take.update({k: v for k, v in state.items() if k.startswith("mae_norm.") and k in own})
     missing = [k for k in own if k.startswith("vit.") and k not in take and not k.startswith("vit.head")]
     if missing:
         raise RuntimeError(f"stage weights lack encoder parameters {missing[:3]}")
+    parts = ["head"] if keep_head else []
+    for part in ("mae_norm.", "decoder."):
+        mine = [k for k in own if k.startswith(part)]
+        if mine and all(k in state for k in mine):
+            take.update({k: state[k] for k in mine})
+            parts.append(part.rstrip("."))
     result = model.load_state_dict(take, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     head = model.vit.head
@@ -145,14 +229,20 @@ def transfer(state: dict[str, torch.Tensor], model: torch.nn.Module, keep_head: 
         with torch.no_grad():
             torch.nn.init.trunc_normal_(head.weight, std=2e-5)
             torch.nn.init.zeros_(head.bias)
+    return parts
 
 
 def digest(state: dict[str, torch.Tensor], part: str = "encoder") -> str:
-    """sha256 of the encoder tensors (or the classifier head's, `part="head"`) of a state dict:
-    the run record names the weights a stage handed on, and a test can check they arrived."""
+    """sha256 of the encoder tensors (`part="head"`: the classifier head's, `"decoder"`: the MAE
+    decoder's) of a state dict: the run record names the weights a stage handed on, and a test
+    can check they arrived."""
+    def wanted(k: str) -> bool:
+        if part == "decoder":
+            return k.startswith("decoder.")
+        return k.startswith("vit.") and k.startswith("vit.head") == (part == "head")
     h = hashlib.sha256()
     for k in sorted(state):
-        if k.startswith("vit.") and k.startswith("vit.head") == (part == "head"):
+        if wanted(k):
             h.update(k.encode())
             h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

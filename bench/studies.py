@@ -21,7 +21,24 @@ from bench.method import get_method
 
 STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"
 KEYS = {"description", "methods", "fixed", "axes", "variants", "seeds", "metric", "figure", "datasets",
-        "preset", "reference", "budget", "compare_to"}
+        "preset", "reference", "budget", "compare_to", "references", "primary"}
+
+
+def _semi_supervised(method: str) -> bool:
+    return get_method(method).pseudo_labels
+
+
+# The references a study may add beside its cells (`references:`), as variants of the methods
+# they apply to: each semi-supervised method's control (the same run, its pseudo-label term off:
+# the paired difference is what the term adds) and oracle (true labels under its own admission
+# mask: a diagnostic ceiling), and supervised training (from scratch, or mae_finetune's from the
+# shared start) on every label: the headroom.
+REFERENCES: dict[str, tuple[dict[str, Any], Any]] = {
+    "control": ({"pl_mode": "off"}, _semi_supervised),
+    "oracle": ({"pl_mode": "oracle"}, _semi_supervised),
+    "fully_supervised": ({"label_fraction": 1.0, "labels_per_class": None, "split_file": None, "val_from": "labeled",
+                          "val_per_class": None}, lambda method: method in ("supervised", "mae_finetune")),
+}
 METRICS = ("test_acc", "test_acc_ema", "test_acc_selected", "val_acc", "val_acc_ema", "selected_val_acc")
 
 
@@ -64,14 +81,25 @@ class StudySpec:
     budget: str = ""          # the study's budget policy, one line printed with its report
     compare_to: Any = None    # the paired differences' reference: a method, {variant: name} or {axis: value}
     seed_values: list[int] | None = None  # a cut to these seeds (`--values seed=1`), else 0..seeds-1
+    references: dict[str, list[str]] = field(default_factory=dict)  # reference name -> the methods it is added to
+    primary: dict[str, Any] = field(default_factory=dict)  # the one comparison declared before running
+
+    skip_main: bool = False  # a cut to some references only (`--variants control`): no main cells
 
     def cells(self, seeds: int | None = None) -> list[Cell]:
         seeds = self.seeds if seeds is None else seeds
         chosen = range(seeds) if self.seed_values is None else self.seed_values
         grid = list(itertools.product(*[a["values"] for a in self.axes.values()])) or [()]
-        variants = list(self.variants) or [None]
-        return [Cell(m, tuple(zip(self.axes, values)), v, s)
-                for m in self.methods for values in grid for v in variants for s in chosen]
+        out = []
+        for m in self.methods:
+            variants = ([] if self.skip_main else list(self.variants) or [None]) + [
+                r for r, ms in self.references.items() if m in ms]
+            out += [Cell(m, tuple(zip(self.axes, values)), v, s) for values in grid for v in variants for s in chosen]
+        return out
+
+    def variant_layer(self, name: str) -> dict[str, Any]:
+        """The options a variant (or a reference) sets."""
+        return dict(REFERENCES[name][0]) if name in self.references else dict(self.variants[name])
 
     def params(self, cell: Cell, seeds: int) -> dict[str, tuple[Any, Any]]:
         """The cell as Optuna parameters (value, distribution): method, every axis, the variant
@@ -81,7 +109,7 @@ class StudySpec:
         for axis, value in cell.axes:
             out[axis] = (value, CategoricalDistribution(self.axes[axis]["values"]))
         if cell.variant is not None:
-            out["variant"] = (cell.variant, CategoricalDistribution(list(self.variants)))
+            out["variant"] = (cell.variant, CategoricalDistribution(list(self.variants) + list(self.references)))
         out["seed"] = (cell.seed, IntDistribution(0, max(seeds - 1, cell.seed)))
         return out
 
@@ -91,7 +119,7 @@ class StudySpec:
         for axis, value in cell.axes:
             layer[self.axes[axis].get("option", {}).get(cell.method, axis)] = value
         if cell.variant is not None:
-            layer.update(self.variants[cell.variant])
+            layer.update(self.variant_layer(cell.variant))
         layer["seed"] = cell.seed
         return layer
 
@@ -134,12 +162,17 @@ class StudySpec:
                                  f"{known}; and seed); use one of those")
             axes[axis]["values"] = list(vals)
         for v in variants or []:
-            if v not in self.variants:
-                raise UsageError(f"--variants {v}: not a variant of study {self.name} ("
-                                 f"{', '.join(self.variants) or 'it has none'}); pick among those")
+            if v not in self.variants and v not in self.references and v != "main":
+                raise UsageError(f"--variants {v}: not a variant or reference of study {self.name} ("
+                                 f"{', '.join([*self.variants, *self.references]) or 'it has none'}; main: "
+                                 f"the cells without one); pick among those")
         kept = {k: o for k, o in self.variants.items() if k in variants} if variants else dict(self.variants)
-        return replace(self, methods=[m for m in self.methods if m in methods] if methods else list(self.methods),
-                       axes=axes, variants=kept, seed_values=seed_values)
+        refs = {k: ms for k, ms in self.references.items() if k in variants} if variants else dict(self.references)
+        cut = replace(self, methods=[m for m in self.methods if m in methods] if methods else list(self.methods),
+                      axes=axes, variants=kept, seed_values=seed_values, references=refs)
+        if variants and "main" not in variants and not self.variants:
+            cut.skip_main = True  # only the references' cells
+        return cut
 
     def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
         return resolve(get_method(cell.method), preset=preset,
@@ -224,6 +257,15 @@ def load_study(name_or_path: str) -> StudySpec:
         raise UsageError(f"{where}: metric '{metric}' is not one of {', '.join(METRICS)}")
     if not isinstance(raw.get("fixed", {}) or {}, dict):
         raise UsageError(f"{where}: 'fixed' must map option names to values")
+    references = _references(raw.get("references"), [str(m) for m in methods], where)
+    if references and variants:
+        raise UsageError(f"{where}: 'references' add variants of their own; a study with 'variants' cannot take them")
+    primary = raw.get("primary") or {}
+    if primary and not (isinstance(primary, dict) and primary.get("method") in methods
+                        and primary.get("against") in (*references, *methods)):
+        raise UsageError(f"{where}: 'primary' names the one comparison declared before running: {{method: M, "
+                         f"against: REFERENCE or METHOD, AXIS: VALUE ...}} with one of the study's methods and "
+                         f"references; fix it")
     compare_to = raw.get("compare_to")
     if compare_to is not None and not is_reference(compare_to, methods, variants, axes):
         raise UsageError(f"{where}: 'compare_to' must name one of the study's methods, be {{variant: NAME}} of "
@@ -232,4 +274,26 @@ def load_study(name_or_path: str) -> StudySpec:
                      axes=axes, variants=variants, seeds=seeds, metric=metric, figure=raw.get("figure") or {},
                      datasets=raw.get("datasets"), preset=raw.get("preset"), reference=raw.get("reference") or {},
                      description=raw.get("description", ""), budget=str(raw.get("budget") or ""),
-                     compare_to=compare_to)
+                     compare_to=compare_to, references=references, primary=primary)
+
+
+def _references(raw: Any, methods: list[str], where: str) -> dict[str, list[str]]:
+    """`references: [control, oracle]` (each added to every method it applies to) or
+    `{control: [fixmatch, semi_vit], ...}`, as {reference: [methods]}."""
+    if not raw:
+        return {}
+    wanted = {name: None for name in raw} if isinstance(raw, list) else raw
+    if not isinstance(wanted, dict):
+        raise UsageError(f"{where}: 'references' lists some of {', '.join(REFERENCES)}, or maps them to methods")
+    out = {}
+    for name, chosen in wanted.items():
+        if name not in REFERENCES:
+            raise UsageError(f"{where}: unknown reference '{name}'; use {', '.join(REFERENCES)}")
+        applies = REFERENCES[name][1]
+        chosen = [m for m in methods if applies(m)] if chosen is None else list(chosen)
+        bad = [m for m in chosen if m not in methods or not applies(m)]
+        if bad:
+            raise UsageError(f"{where}: reference '{name}' cannot be added to {', '.join(map(str, bad))} (not a "
+                             f"method of the study, or one it does not apply to)")
+        out[name] = chosen
+    return out

@@ -135,6 +135,11 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     cli = {**overrides, "dataset": args.dataset, "results_dir": args.results_dir, "progress": args.progress,
            **({"data": args.data} if args.data else {})}
     base = resolve(method_cls, preset=args.preset, cli=cli)  # reject bad input before anything is written
+    if base["pl_mode"] != "on" or "pl_mode" in space:
+        # an oracle reads the pool's true labels; a control is a reference, not a recipe to pick
+        raise UsageError(f"bench tune searches recipes on validation with --pl-mode on only (here: "
+                         f"{'searched' if 'pl_mode' in space else base['pl_mode']}); the oracle and the control are "
+                         f"references of a study (`references: [oracle, control]`), never tuned")
     check_space(method_cls, base, space, options, args.preset, cli)
     prepare_runs_dir(args.results_dir)
     name = f"tune:{method_cls.name}:{args.dataset}:{args.preset or 'default'}"

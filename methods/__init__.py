@@ -1,2 +1,3 @@
 """Methods, one file each, registered by name on import."""
-from methods import fixmatch, mae_finetune, mae_pretrain, semi_mae, semi_vit, ssmae, supervised  # noqa: F401
+from methods import (fixmatch, flexmatch, freematch, mae_finetune, mae_pretrain, semi_mae, semi_vit,  # noqa: F401
+                     ssmae, supervised)

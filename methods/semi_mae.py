@@ -10,24 +10,27 @@ import torch
 from torch import Tensor
 
 from bench.batch import Batch, Images
-from bench.method import register
+from bench.method import Method, pseudo_label_options, register
 from bench.options import Option, unit_open
-from methods.fixmatch import FixMatch, unlabeled_options
 
 
 @register("semi_mae")
-class SemiMAE(FixMatch):
+class SemiMAE(Method):
     description = "Semi-MAE: FixMatch + MAE reconstruction of weak unlabeled views"
     options = {
-        **unlabeled_options(tau=0.95, mu=7.0, lambda_u=1.0, teacher="online"),
+        **pseudo_label_options(tau=0.95, mu=7.0, lambda_u=1.0, teacher="online"),
         "mask_ratio": Option(0.75, "fraction of patches the MAE branch removes", **unit_open()),
         "lambda_rec": Option(1.0, "weight of the reconstruction loss (0 = FixMatch)", type=float,
                              check=lambda v: v >= 0, check_msg=">= 0"),
         "mae_input": Option("weak_unlabeled", "images the MAE branch reconstructs",
                             choices=("weak_unlabeled", "weak_all", "strong")),
     }
-    recipe = FixMatch.recipe  # METHODS.md 1.3: the FixMatch branch, plain CE on weak labeled views
+    # METHODS.md 1.3: the FixMatch branch, plain CE on weak labeled views
+    recipe = {"label_smoothing": 0.0, "labeled_view": "weak", "mixup_alpha": 0.0, "cutmix_alpha": 0.0}
+    uses_unlabeled = True
     uses_decoder = True
+    pseudo_labels = True
+    threshold_option = "tau"
 
     def mae_input(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> tuple[Tensor, Images]:
         """The views the MAE branch reconstructs, and the images they show."""
@@ -41,7 +44,7 @@ class SemiMAE(FixMatch):
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         x_weak, x_strong = self.views.weak(batch.u), self.views.strong(batch.u)
-        pl = self.pseudo_label(x_weak)
+        pl = self.pseudo_label(self.teacher_probs(x_weak, cfg["teacher"]), batch.idx_u)
         loss_sup = self.supervised_loss(batch.l, batch.y_l)
         loss_unsup = self.hard_pseudo_label_loss(x_strong, pl)
         loss_rec = self.reconstruction_loss(*self.mae_input(batch, x_weak, x_strong), cfg["mask_ratio"])

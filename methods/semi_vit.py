@@ -14,53 +14,53 @@ import torch
 from torch import Tensor
 
 from bench.batch import Batch
-from bench.method import register, soft_cross_entropy, weighted_mean
+from bench.method import Method, pseudo_label_options, register, soft_cross_entropy, weighted_mean
 from bench.mixing import mix, one_hot_smooth, partners_of, prob_pseudo_mix_lambda
-from bench.options import Option, non_negative, positive, unit_closed, unit_open, unit_open_closed
+from bench.options import Option, unit_open
 from bench.pseudo import PseudoLabels
-from bench.stages import Stage
-from methods.fixmatch import FixMatch, unlabeled_options
-from methods.mae_pretrain import PRETRAIN_STAGE, pretrain_options
+from bench.stages import PRETRAIN, Stage
+
+# Stage 2, the supervised fine-tune stage 3 starts from: the run's labeled recipe, its own length,
+# learning rate and EMA (Semi-ViT's FINETUNE.md recipes differ from its semi-supervised ones); at a
+# preset where these equal mae_finetune's, it is mae_finetune's very run (one cached stage).
+FINETUNE = Stage("finetune", "supervised", "finetune_", keep_head=True, about="stage 2 (supervised fine-tune)",
+                 settable={"steps": 2000, "lr": 5e-4, "warmup_steps": 100, "batch_size": None, "layer_decay": None,
+                           "drop_path": None, "mixup_alpha": None, "cutmix_alpha": None, "erase_prob": None,
+                           "ema_decay": 0.999})
 
 
 @register("semi_vit")
-class SemiViT(FixMatch):
+class SemiViT(Method):
     description = "Semi-ViT: MAE -> supervised -> EMA-teacher + probabilistic pseudo-mixup"
     options = {
         # tau 0.5: Semi-ViT's ViT-B value at 10 % labels, the suite's default budget (its 1 %
         # value is 0.6, its code's default 0.7); the EMA teacher, lambda_u 5 and mu 5 are common
         # to every Semi-ViT setting (METHODS.md 3.4).
-        **unlabeled_options(tau=0.5, mu=5.0, lambda_u=5.0, teacher="ema"),
+        **pseudo_label_options(tau=0.5, mu=5.0, lambda_u=5.0, teacher="ema"),
         "pseudo_mixup": Option(True, "probabilistic pseudo-mixup (off = EMA-Teacher)"),
         "pl_smoothing": Option(0.1, "label smoothing of the mixed pseudo-label targets", **unit_open()),
         "cutmix_prob": Option(0.5, "probability of cutmix (else mixup) per unlabeled image", **unit_open()),
-        **pretrain_options(),
-        "finetune_steps": Option(2000, "supervised fine-tuning steps (stage 2)", **positive()),
-        "finetune_lr": Option(5e-4, "supervised fine-tuning peak lr (stage 2)", type=float,
-                              check=lambda v: v > 0, check_msg="> 0"),
-        "finetune_warmup_steps": Option(100, "supervised fine-tuning warm-up steps", **non_negative()),
-        # Stage 2's own recipe where it differs from stage 3's (Semi-ViT's FINETUNE.md); unset: stage 3's.
-        "finetune_batch_size": Option(None, "stage 2 labeled batch (unset: --batch-size)", type=int, **positive()),
-        "finetune_layer_decay": Option(None, "stage 2 layer decay (Semi-ViT: 0.65 for ViT-B; unset: --layer-decay)",
-                                       type=float, **unit_open_closed()),
-        "finetune_drop_path": Option(None, "stage 2 stochastic depth (unset: --drop-path)", type=float, **unit_open()),
-        "finetune_mixup_alpha": Option(None, "stage 2 mixup alpha (unset: --mixup-alpha)", type=float,
-                                       **non_negative()),
-        "finetune_cutmix_alpha": Option(None, "stage 2 cutmix alpha (unset: --cutmix-alpha)", type=float,
-                                        **non_negative()),
-        "finetune_erase_prob": Option(None, "stage 2 random erasing (unset: --erase-prob)", type=float,
-                                      **unit_closed()),
+        # main_semi.py builds the teacher as a copy of the loaded student; the stage-2 EMA is for the ablation
+        "teacher_start": Option("student", "stage 3's EMA teacher starts as a copy of the fine-tuned student, or "
+                                "as stage 2's EMA", choices=("student", "stage_ema")),
     }
     # Semi-ViT's 10 % settings for the labeled branch (stages 2 and 3): smoothing 0.1, mixup 0.8 /
     # cutmix 1.0 on RandAugment views, layer decay 0.75. The EMA teacher's tau (0.5-0.7) stays
-    # below the 0.91 cap smoothing puts on confidence.
+    # below the 0.91 cap smoothing puts on confidence. It starts from the MAE stage (stage 1).
     recipe = {"label_smoothing": 0.1, "labeled_view": "strong", "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
-              "layer_decay": 0.75}
-    stages = (PRETRAIN_STAGE, Stage("finetune", "supervised", "finetune_", keep_head=True))
+              "layer_decay": 0.75, "start": "mae"}
+    stages = (FINETUNE,)
+    uses_unlabeled = True
+    pseudo_labels = True
+    threshold_option = "tau"
+
+    @classmethod
+    def ema_from_stage(cls, cfg) -> bool:
+        return cfg["teacher_start"] == "stage_ema"
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        pl = self.pseudo_label(self.views.weak(batch.u))  # the EMA teacher, by default
+        pl = self.pseudo_label(self.teacher_probs(self.views.weak(batch.u), cfg["teacher"]), batch.idx_u)
         x_strong = self.views.strong(batch.u)
         logs: dict[str, Tensor] = {}
         if cfg["pseudo_mixup"]:
@@ -73,8 +73,9 @@ class SemiViT(FixMatch):
 
     def pseudo_mixup_loss(self, batch: Batch, x_strong: Tensor, pl: PseudoLabels) -> tuple[Tensor, Tensor]:
         """Probabilistic pseudo-mixup: each strong view mixed with a random partner, weighted by
-        the two confidences; kept when the more confident of the two passes tau. Returns the
-        loss (over all unlabeled images) and the share kept."""
+        the two confidences; kept at the larger of the two's weights (for a fixed threshold:
+        when the more confident passes tau). Returns the loss (over all unlabeled images) and
+        the share kept."""
         cfg, draws = self.cfg, self.random.on(batch.u)
         perm = draws.partners()
         conf_p = partners_of(pl.conf, perm, batch.u)
@@ -83,5 +84,5 @@ class SemiViT(FixMatch):
         targets = one_hot_smooth(pl.labels, self.num_classes, cfg["pl_smoothing"])
         x_mixed, t_mixed, _ = mix(x_strong, targets, lam, partners_of(x_strong, perm, batch.u),
                                   partners_of(targets, perm, batch.u), use_cutmix, draws)
-        keep = (torch.maximum(pl.conf, conf_p) >= cfg["tau"]).float()
+        keep = torch.maximum(pl.weights, partners_of(pl.weights, perm, batch.u))
         return soft_cross_entropy(self.model(x_mixed), t_mixed, weights=keep), weighted_mean(keep)

@@ -22,7 +22,8 @@ from bench.batch import Batch, Images
 from bench.errors import UsageError
 from bench.method import Method, register, weighted_mean
 from bench.options import Option, non_negative, positive, unit_closed, unit_open
-from bench.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, agreeing, require_reachable, threshold
+from bench.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, agreeing
+from bench.thresholds import threshold_options
 
 
 @register("ssmae")
@@ -48,6 +49,7 @@ class SSMAE(Method):
         "lambda_rec": Option(1.0, "weight of the MAE loss (0 = no reconstruction)", type=float, **non_negative()),
         "lambda_cls": Option(1.0, "weight of the classification loss", type=float, **non_negative()),
         "mae_view": Option("weak", "augmentation of the MAE branch's images", choices=("weak", "mae", "strong")),
+        **threshold_options(),
     }
     # The reference's labeled branch: plain CE (no smoothing, no mixing) on lightly augmented
     # views; smoothing would cap confidence below c and keep the gate shut.
@@ -55,11 +57,15 @@ class SSMAE(Method):
     uses_unlabeled = True
     uses_decoder = True
     pseudo_labels = True
+    threshold_option = "confidence"  # unreachable, it would also keep the gate shut
+    strict_threshold = True
 
     @classmethod
     def check(cls, cfg, num_classes, split) -> None:
         super().check(cfg, num_classes, split)
-        require_reachable("ssmae", cfg, num_classes, "confidence", strict=True)  # and so the gate could never open
+        if cfg["threshold_policy"] == "softmatch":
+            raise UsageError("ssmae: its memory keeps a label or none, so softmatch's soft weights have no place; "
+                             "use --threshold-policy fixed, align, flexmatch or freematch")
         if not cfg["gate"]:
             return
         first = min(-(-cfg["gate_warmup_steps"] // every) * every
@@ -77,19 +83,21 @@ class SSMAE(Method):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.memory = PseudoLabelMemory(len(self.data.x), self.data.x.device)
+        self.memory = PseudoLabelMemory(self.data.size, self.data.device)
         self.gate = ValidationGate(cfg["gate_threshold"], cfg["confidence"], cfg["gate_warmup_steps"],
                                    min_confident=cfg["gate_min_confident"], always_open=not cfg["gate"])
 
     def admit(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> None:
-        """Score the unlabeled batch on both views (one no-grad pass) and update the memory."""
-        c = self.cfg["confidence"]
+        """Score the unlabeled batch on both views (one no-grad pass) and update the memory with
+        what the threshold policy admits on the weak view (and, with agreement, on the strong
+        view as well, for the same class), as far as `--pl-mode` lets it through."""
         probs = self.teacher_probs(torch.cat([x_weak, x_strong]))
-        weak, strong = threshold(probs[: len(x_weak)], c, strict=True), threshold(probs[len(x_weak):], c, strict=True)
+        weak = self.policy(probs[: len(x_weak)], batch.idx_u)  # the policy learns from the weak view
         if self.cfg["agreement"]:
-            weak = agreeing(weak, strong)
-        self.memory.admit(batch.idx_u, weak.labels, weak.mask, rescore=self.cfg["memory"] == "rescored")
+            weak = agreeing(weak, self.policy.peek(probs[len(x_weak):]))
         self.log_pseudo_labels(weak, "admit")  # the new labels, among the images scored this step
+        weak = self.pl_mode(weak)
+        self.memory.admit(batch.idx_u, weak.labels, weak.mask, rescore=self.cfg["memory"] == "rescored")
 
     def train_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg

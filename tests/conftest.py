@@ -14,3 +14,31 @@ def tiny_data(tmp_path_factory):
     """A 4-class synthetic dataset small enough to train a smoke model on in seconds."""
     return load_dataset("synthetic", None, tmp_path_factory.mktemp("cache"),
                         synthetic={"classes": 4, "size": 32, "train_per_class": 40, "test_per_class": 10, "seed": 0})
+
+
+SHORT = ["--preset", "smoke", "--no-progress", "--steps", "20", "--eval-every", "10", "--ckpt-every", "10",
+         "--log-every", "5", "--pretrain-steps", "10"]
+# semi_vit's stage 2 at mae_finetune's recipe and length (the smoke preset's, shortened the same way)
+SEMI_VIT = ["--finetune-steps", "20"]
+
+
+@pytest.fixture(scope="session")
+def shared_start(tmp_path_factory):
+    """Smoke runs that share the seed's MAE stage and mae_finetune's fine-tune, in one results
+    directory (and the other order, Semi-ViT first, in a second): {"runs": {name: run dir}, ...}."""
+    from helpers import bench, run_dirs
+    root = tmp_path_factory.mktemp("shared-start")
+    cache = root / "cache"
+    plan = [("a", "mae_finetune", []), ("a", "semi_vit", SEMI_VIT),
+            ("a", "semi_vit_stage_ema", ["semi_vit", *SEMI_VIT, "--teacher-start", "stage_ema"]),
+            ("a", "fixmatch_mae", ["fixmatch", "--start", "mae", "--tau", "0.3"]),
+            ("a", "semi_mae_mae", ["semi_mae", "--start", "mae"]),
+            ("a", "ssmae_mae", ["ssmae", "--start", "mae", "--gate-warmup-steps", "5"]),
+            ("b", "semi_vit_first", ["semi_vit", *SEMI_VIT]), ("b", "mae_finetune_second", ["mae_finetune"])]
+    runs = {}
+    for where, name, args in plan:
+        method, extra = (args[0], args[1:]) if args and not args[0].startswith("-") else (name, args)
+        out = bench(["run", method, *SHORT, *extra, "--results-dir", str(root / where)], cache)
+        assert out.returncode == 0, (name, out.stderr[-3000:])
+        runs[name] = run_dirs(root / where)[-1]
+    return {"root": root, "cache": cache, "runs": runs}

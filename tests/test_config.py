@@ -76,7 +76,7 @@ def test_a_study_cut_to_some_variants_keeps_their_cells():
     spec = load_study("ssmae_ablation").cut(variants=["full", "no_gate"])
     assert list(spec.variants) == ["full", "no_gate"]
     assert {c.key for c in spec.cells(1)} <= {c.key for c in load_study("ssmae_ablation").cells(1)}
-    with pytest.raises(UsageError, match="--variants nope: not a variant of study ssmae_ablation"):
+    with pytest.raises(UsageError, match="--variants nope: not a variant or reference of study ssmae_ablation"):
         load_study("ssmae_ablation").cut(variants=["nope"])
 
 

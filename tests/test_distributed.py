@@ -20,6 +20,8 @@ SMOKE = ["--preset", "smoke", "--no-progress", "--device", "cpu", "--dist-timeou
 # per method: options that make its distributed pieces act (admission, gate and memory, mixing)
 ACTIVE = {"supervised": ["--mixup-alpha", "0.8", "--cutmix-alpha", "1.0", "--labeled-view", "strong"],
           "fixmatch": ["--tau", "0.3"],
+          "flexmatch": ["--tau", "0.3"],
+          "freematch": [],
           "ssmae": ["--confidence", "0.3", "--gate-threshold", "0", "--gate-warmup-steps", "5", "--gate-every", "5"],
           "semi_vit": ["--tau", "0.3"]}
 # float sums in another order: per-step losses agree to ~1e-6 relative, weights after 40 AdamW
@@ -65,8 +67,15 @@ def test_two_ranks_train_the_run_one_rank_trains(pairs, method):
         if name in m1:
             assert m1[name]["steps"] == m2[name]["steps"], name
             assert m2[name]["values"] == pytest.approx(m1[name]["values"], rel=LOSS_RTOL, abs=1e-6), (method, name)
-    if method in ("fixmatch", "ssmae", "semi_vit"):
+    if method in ("fixmatch", "flexmatch", "freematch", "ssmae", "semi_vit"):
         assert max(m1["train.pl_rate"]["values"]) > 0, "pseudo-labels must be admitted for the check to mean much"
+    if method in ("flexmatch", "freematch"):  # one policy state, reduced over the global batch
+        p1, p2 = one["method"]["threshold_policy"], two["method"]["threshold_policy"]
+        for k in p1:
+            if p1[k].is_floating_point():
+                torch.testing.assert_close(p2[k], p1[k], rtol=LOSS_RTOL, atol=1e-6, msg=k)
+            else:
+                assert torch.equal(p1[k], p2[k]), k
     if method == "ssmae":  # one memory and one gate, the same on every rank and as on one rank
         assert torch.equal(one["method"]["memory"]["labels"], two["method"]["memory"]["labels"])
         assert one["method"]["gate"]["is_open"] and one["method"]["gate"] == two["method"]["gate"]

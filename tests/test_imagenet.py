@@ -286,9 +286,11 @@ def test_init_from_loads_mae_and_timm_checkpoints_strictly(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         (run,) = run_dirs(results)
         info = load_json(run / "info.json")
-        assert info["stages"]["pretrain"]["skipped"].startswith("--init-from")   # no MAE pretraining
+        assert "pretrain" not in (info.get("stages") or {})                     # no MAE pretraining
+        assert info["start"].startswith(f"file {path.name}")
         assert info["init_from"]["sha256"] and info["init_from"]["tensors"] == len(encoder)
-        loaded = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+        stage = results / "stages" / load_json(run / "run.json")["result"]["stage_key"]  # the fine-tune is a stage
+        loaded = torch.load(stage / "final.pt", weights_only=False)["model"]
         for k, v in encoder.items():       # one step at lr 1e-12 moves nothing measurable
             torch.testing.assert_close(loaded[f"vit.{k}"], v, atol=1e-6, rtol=0, msg=k)
     # another grid: the position table is resampled, everything else loads as it is
@@ -343,7 +345,7 @@ def test_the_papers_studies_run_smoke_sized_on_an_imagenet_tree(tree, cache, tmp
 def test_auto_keeps_decoded_data_resident_and_streams_a_cache_too_big_for_memory():
     from bench.config import resolve
     from bench.method import get_method
-    from bench.stages import stage_config
+    from bench.stages import plan
     from bench.store import choose
     cpu = torch.device("cpu")
     assert choose("auto", 1 << 60, cpu, on_disk=False) == "resident"   # CIFAR is in memory already
@@ -352,8 +354,10 @@ def test_auto_keeps_decoded_data_resident_and_streams_a_cache_too_big_for_memory
     # the run decides once; each stage reads the same store
     cls = get_method("semi_vit")
     cfg = {**resolve(cls, preset="smoke"), "store_used": "streamed"}
-    for stage in cls.stages:
-        assert stage_config(cfg, stage, get_method(stage.method))["store_used"] == "streamed"
+    planned = plan(cfg, cls)
+    assert [p.stage.name for p in planned] == ["pretrain", "finetune"]
+    for p in planned:
+        assert p.cfg["store_used"] == "streamed"
 
 
 def test_a_split_file_counts_by_its_content_not_its_path(tree, cache, tmp_path):

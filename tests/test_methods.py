@@ -11,7 +11,7 @@ from bench.pseudo import PseudoLabels
 from helpers import bench, load_json, run_dirs, smoke_trainer
 
 SMOKE = ["--dataset", "synthetic", "--preset", "smoke", "--no-progress"]
-SEMI_SUPERVISED = ["fixmatch", "semi_mae", "ssmae", "semi_vit"]
+SEMI_SUPERVISED = ["fixmatch", "flexmatch", "freematch", "semi_mae", "ssmae", "semi_vit"]
 
 
 def constant_head(model, cls=None, scale=20.0):
@@ -29,7 +29,7 @@ def test_fixmatch_mask_targets_and_loss(tiny_data, tmp_path):
     m = t.method
     batch, _ = t.next_batch()
     x_weak = m.views.weak(batch.u)
-    pl = m.pseudo_label(x_weak)
+    pl = m.pseudo_label(m.teacher_probs(x_weak), batch.idx_u)
     with torch.no_grad():
         t.model.eval()
         reference = t.model(x_weak).softmax(1)
@@ -133,7 +133,8 @@ def test_ssmae_training_never_reads_test_labels(tiny_data, tmp_path):
     assert torch.equal(s1["memory"]["labels"], s2["memory"]["labels"]) and s1["gate"] == s2["gate"]
 
 
-LOW_THRESHOLDS = {"fixmatch": {"tau": 0.3}, "semi_mae": {"tau": 0.3}, "semi_vit": {"tau": 0.3},
+LOW_THRESHOLDS = {"fixmatch": {"tau": 0.3}, "semi_mae": {"tau": 0.3}, "semi_vit": {"tau": 0.3}, "flexmatch": {"tau": 0.3},
+                  "freematch": {},
                   "ssmae": {"confidence": 0.3, "gate_threshold": 0.0, "gate_warmup_steps": 5, "gate_every": 5}}
 
 
@@ -230,7 +231,8 @@ def test_forward_images_are_counted_as_each_method_spends_them(tiny_data, tmp_pa
     assert t.budget()["forward_images"] == round(3 * per_step)
 
 
-@pytest.mark.parametrize("method", ["supervised", "fixmatch", "semi_mae", "ssmae", "mae_finetune", "semi_vit"])
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "flexmatch", "freematch", "semi_mae", "ssmae",
+                                    "mae_finetune", "semi_vit"])
 def test_every_method_smoke_run_completes(tmp_path, method):
     results = tmp_path / "r"
     out = bench(["run", method, *SMOKE, "--results-dir", str(results)], tmp_path / "cache")

@@ -10,14 +10,15 @@ from bench.config import resolve
 from bench.method import get_method
 from bench.model import build_model
 from bench.optim import lr_at, param_groups
-from bench.stages import digest, stage_config, stage_key
+from bench.stages import digest, plan, stage_key
+from conftest import SHORT as SHORT_ARGS
 from helpers import bench, load_json, run_dirs, smoke_trainer
 
 
 def stage_cfgs(method: str, preset: str = "fast", **cli) -> dict:
     cls = get_method(method)
     cfg = resolve(cls, preset=preset, cli=cli)
-    return {s.name: stage_config(cfg, s, get_method(s.method)) for s in cls.stages}
+    return {p.stage.name: p.cfg for p in plan(cfg, cls)}
 
 
 def pretrain_key(method: str, preset: str = "fast", **cli) -> str:
@@ -59,10 +60,41 @@ def test_semi_vit_fine_tuning_stage_uses_the_runs_labeled_recipe():
     for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha", "labeled_view", "layer_decay"):
         assert scfg[key] == run[key], key
     assert (scfg["steps"], scfg["lr"]) == (run["finetune_steps"], run["finetune_lr"])
+    # its EMA is its own: stage 3's decay does not reach stage 2
+    assert stage_cfgs("semi_vit", ema_decay=0.9)["finetune"]["ema_decay"] == 0.999
+    assert stage_cfgs("semi_vit", finetune_ema_decay=0.99)["finetune"]["ema_decay"] == 0.99
+
+
+def test_a_stage_option_is_generated_from_the_core_declaration_it_sets():
+    from bench.config import CORE_OPTIONS, all_options
+    from bench.errors import UsageError
+    options = all_options(get_method("semi_vit"))
+    for name in ("finetune_lr", "finetune_ema_decay", "pretrain_weight_decay", "pretrain_mask_ratio"):
+        assert name in options and options[name].kind is float, name
+    assert CORE_OPTIONS["ema_decay"].help in options["finetune_ema_decay"].help
+    with pytest.raises(UsageError, match="--finetune-ema-decay"):  # the core's range check, under the stage's flag
+        resolve(get_method("semi_vit"), cli={"finetune_ema_decay": 1.5})
+    with pytest.raises(UsageError, match="--pretrain-steps"):
+        resolve(get_method("fixmatch"), cli={"pretrain_steps": 0})
 
 
 def test_methods_with_the_same_pretraining_share_one_encoder():
     assert pretrain_key("mae_finetune") == pretrain_key("semi_vit")
+    for method in ("fixmatch", "flexmatch", "freematch", "semi_mae", "ssmae", "supervised"):
+        assert "pretrain" not in stage_cfgs(method)                          # from scratch by default
+        assert pretrain_key(method, start="mae") == pretrain_key("mae_finetune"), method
+
+
+@pytest.mark.parametrize("preset", ["cpu", "smoke"])
+def test_semi_vits_stage_two_is_mae_finetunes_run_at_the_preset(preset):
+    """The same cached stage: semi_vit against mae_finetune compares stage 3 with the model it starts from."""
+    def keys(method):
+        cls, previous, out = get_method(method), None, []
+        for p in plan(resolve(cls, preset=preset), cls):
+            previous = stage_key(p.cfg, p.method_cls, previous, "data", "split")
+            out.append(previous)
+        return out
+    assert keys("semi_vit") == keys("mae_finetune") and len(keys("semi_vit")) == 2
 
 
 @pytest.mark.parametrize("knob", [{"label_smoothing": 0.2}, {"mixup_alpha": 0.0}, {"labeled_view": "eval"},
@@ -85,30 +117,50 @@ def stage_files(run_dir, name):
     return checkpoint.load(stage_dir / "final.pt"), load_json(stage_dir / "stage.json")
 
 
-@pytest.mark.parametrize("method", ["mae_finetune", "semi_vit"])
-def test_each_stage_starts_from_the_weights_the_stage_before_it_handed_on(tmp_path, method):
+def test_each_stage_starts_from_the_weights_the_stage_before_it_handed_on(shared_start):
     """The encoder always arrives (SSMAE's reference silently fine-tuned from scratch, flaw F8);
-    a head after MAE pretraining is re-drawn; Semi-ViT's stage 3 keeps stage 2's head and takes
-    stage 2's EMA as its teacher."""
-    results = tmp_path / "r"
-    out = bench(["run", method, "--preset", "smoke", "--no-progress", "--results-dir", str(results)],
-                tmp_path / "cache")
-    assert out.returncode == 0, out.stderr[-3000:]
-    (run,) = run_dirs(results)
-    init = load_json(run / "info.json")["init"]
-    pretrained, _ = stage_files(run, "pretrain")
-    if method == "mae_finetune":
-        assert init["encoder_sha256"] == digest(pretrained["model"])
-        assert init["head_sha256"] != digest(pretrained["model"], "head") and init["head"].startswith("re-drawn")
-        assert init["ema_encoder_sha256"] == init["encoder_sha256"] != digest(pretrained["ema"])
-        return
-    finetuned, finetune_record = stage_files(run, "finetune")
+    a head after MAE pretraining is re-drawn; Semi-ViT's stage 3 keeps stage 2's head, and its
+    EMA teacher starts as a copy of the fine-tuned student (main_semi.py), not as stage 2's EMA."""
+    from bench import checkpoint
+    runs = shared_start["runs"]
+    pretrained, _ = stage_files(runs["mae_finetune"], "pretrain")
+    init = load_json(runs["mae_finetune"] / "info.json")["init"]   # the fine-tune stage's, the run's own
+    assert init["encoder_sha256"] == digest(pretrained["model"])
+    assert init["head_sha256"] != digest(pretrained["model"], "head") and init["head"].startswith("re-drawn")
+    assert init["ema_encoder_sha256"] == init["encoder_sha256"] != digest(pretrained["ema"])
+    semi = runs["semi_vit"]
+    finetuned, finetune_record = stage_files(semi, "finetune")
     assert finetune_record["init"]["encoder_sha256"] == digest(pretrained["model"])   # stage 1 -> 2
     assert finetune_record["init"]["head"].startswith("re-drawn")
+    init = load_json(semi / "info.json")["init"]
     assert init["encoder_sha256"] == digest(finetuned["model"])                       # stage 2 -> 3
     assert init["head_sha256"] == digest(finetuned["model"], "head")
-    assert init["ema_encoder_sha256"] == digest(finetuned["ema"]) != digest(finetuned["model"])
-    assert init["ema_head_sha256"] == digest(finetuned["ema"], "head")
+    # the teacher at stage-3 step 0 is the loaded student, weight for weight
+    assert init["ema_encoder_sha256"] == init["encoder_sha256"] != digest(finetuned["ema"])
+    assert init["ema_head_sha256"] == init["head_sha256"]
+    # --teacher-start stage_ema: the ablation keeps stage 2's EMA
+    ablation = load_json(runs["semi_vit_stage_ema"] / "info.json")["init"]
+    assert ablation["ema_encoder_sha256"] == digest(finetuned["ema"]) != digest(finetuned["model"])
+    assert ablation["ema_head_sha256"] == digest(finetuned["ema"], "head")
+
+
+def test_semi_vit_starts_from_the_very_fine_tune_mae_finetune_reports(shared_start):
+    """One cached stage, in either order: the second method hits the cache instead of retraining."""
+    runs = shared_start["runs"]
+    fine, semi = (load_json(runs[m] / "run.json")["result"] for m in ("mae_finetune", "semi_vit"))
+    info = load_json(runs["semi_vit"] / "info.json")["stages"]
+    assert not fine["reused"] and info["finetune"]["reused"] and info["finetune"]["key"] == fine["stage_key"]
+    assert info["pretrain"]["reused"] and semi["stages"][1]["minutes"] == pytest.approx(fine["minutes"])
+    # the other order: semi_vit trains stage 2, and mae_finetune's run is that stage, with its curves
+    first, then = runs["semi_vit_first"], runs["mae_finetune_second"]
+    result = load_json(then / "run.json")["result"]
+    assert result["reused"] and result["stage_key"] == load_json(first / "info.json")["stages"]["finetune"]["key"]
+    trained = load_json(first / "metrics.json")
+    replayed = load_json(then / "metrics.json")
+    assert replayed["val_acc"]["values"] == trained["finetune.val_acc"]["values"]
+    assert replayed["val_acc"]["steps"] == trained["finetune.val_acc"]["steps"]
+    assert result["test_acc"] == replayed["test_acc"]["values"][-1]
+    assert (then / "selected.pt").is_file()
 
 
 def test_a_head_that_does_not_carry_over_is_redrawn_small(tiny_data, tmp_path):
@@ -163,3 +215,47 @@ def test_the_optimizer_runs_the_scheduled_lr_scaled_per_group(tiny_data, tmp_pat
         assert lrs[id(t.model.vit.head.weight)] == pytest.approx(expected), step
         assert lrs[id(patch)] == pytest.approx(expected * 0.5 ** (depth + 1)), step
     assert lr_at(49, t.cfg) == pytest.approx(1e-5 + (0.002 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+
+
+@pytest.mark.parametrize("name, decoder", [("fixmatch_mae", False), ("semi_mae_mae", True), ("ssmae_mae", True)])
+def test_every_method_can_start_from_the_cached_mae_encoder(shared_start, name, decoder):
+    """The same MAE stage (one per seed) as mae_finetune's, loaded bit for bit: the encoder, and
+    the decoder for a method that reconstructs."""
+    runs = shared_start["runs"]
+    info = load_json(runs[name] / "info.json")
+    assert info["stages"]["pretrain"]["reused"]
+    assert info["stages"]["pretrain"]["key"] == load_json(runs["mae_finetune"] / "info.json")["stages"]["pretrain"]["key"]
+    pretrained, _ = stage_files(runs[name], "pretrain")
+    init = info["init"]
+    assert init["encoder_sha256"] == digest(pretrained["model"]) and init["head"].startswith("re-drawn")
+    assert ("decoder" in init["loaded"]) == decoder
+    if decoder:
+        assert init["decoder_sha256"] == digest(pretrained["model"], "decoder")
+    assert info["start"] == "MAE 10 steps"
+    assert load_json(runs["fixmatch_mae"] / "info.json")["start"] == "MAE 10 steps"
+
+
+def test_init_from_reads_the_suites_own_stage_and_run_folders(shared_start, tmp_path):
+    """--init-from a cached stage (its final.pt) or a run (its checkpoint or selected model):
+    the encoder, the decoder where the method reconstructs, and the suite's own head."""
+    from bench import checkpoint
+    runs = shared_start["runs"]
+    stage_dir = Path(load_json(runs["ssmae_mae"] / "info.json")["stages"]["pretrain"]["dir"])
+    out = bench(["run", "semi_mae", *SHORT_ARGS, "--init-from", str(stage_dir), "--results-dir", str(tmp_path / "a")],
+                shared_start["cache"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = run_dirs(tmp_path / "a")
+    info = load_json(run / "info.json")
+    final = checkpoint.load(stage_dir / "final.pt")["model"]
+    assert info["init_from"]["layout"] == "ssvit-bench" and "decoder" in info["init_from"]["loaded"]
+    assert info["init"]["encoder_sha256"] == digest(final) and info["init"]["decoder_sha256"] == digest(final, "decoder")
+    assert "pretrain" not in (info.get("stages") or {}) and info["start"].startswith("file final.pt")
+    # a run's folder: a fine-tuned classifier, its head included
+    out = bench(["run", "fixmatch", *SHORT_ARGS, "--init-from", str(runs["semi_vit"]), "--results-dir",
+                 str(tmp_path / "b")], shared_start["cache"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = run_dirs(tmp_path / "b")
+    info = load_json(run / "info.json")
+    saved = checkpoint.load(runs["semi_vit"] / "checkpoint.pt")["model"]
+    assert info["init_from"]["head_loaded"] and info["init"]["head_sha256"] == digest(saved, "head")
+    assert info["init"]["encoder_sha256"] == digest(saved)
