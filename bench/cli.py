@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench.errors import NonFiniteLoss, PeerLost, RunStopped, UsageError
+from bench.options import strip_flag
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,7 +41,7 @@ def add_options(parser: argparse.ArgumentParser, options: dict, shown: dict[str,
 
 def cmd_run(argv: Sequence[str]) -> int:
     from bench.config import all_options, resolve
-    from bench.method import get_method, method_names
+    from bench.method.base import get_method, method_names
 
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: bench run METHOD [options]\n\nMETHOD: {', '.join(method_names())}\n"
@@ -80,7 +81,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         return 0
 
     from bench import distributed
-    from bench.runner import execute
+    from bench.run.runner import execute
     if nproc != 1:
         return launch_ranks(cfg, resume, nproc, argv)
     w = distributed.join(cfg["device"], cfg["dist_timeout"])
@@ -102,7 +103,7 @@ def launch_ranks(cfg: dict[str, Any], resume: str | None, nproc: int, argv: Sequ
 
     from bench.distributed.launch import launch
     from bench.distributed.world import check_devices, from_env
-    from bench.runner import prepare
+    from bench.run.runner import prepare
     if nproc < 1:
         raise UsageError(f"--nproc {nproc}: give a number of ranks >= 1")
     if from_env() is not None:
@@ -111,19 +112,6 @@ def launch_ranks(cfg: dict[str, Any], resume: str | None, nproc: int, argv: Sequ
         check_devices(nproc, "cuda", torch.cuda.device_count())
     prepare(cfg, resume, nproc)
     return launch(nproc, strip_flag(list(argv), "--nproc"))
-
-
-def strip_flag(argv: list[str], flag: str) -> list[str]:
-    """`argv` without `flag V` / `flag=V`."""
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg == flag:
-            skip = True
-        elif not arg.startswith(flag + "="):
-            out.append(arg)
-    return out
 
 
 def _peek(argv: Sequence[str], flag: str) -> str | None:
@@ -177,7 +165,7 @@ def parse_json(text: str | None) -> dict[str, Any]:
 
 
 def cmd_study(argv: Sequence[str]) -> int:
-    from bench.studies import study_names
+    from bench.study.spec import study_names
     parser = Parser(prog="bench study", description="run a study's grid of cells as Optuna trials, "
                     "one Sacred run each, then write its report")
     parser.add_argument("study", help=f"one of {', '.join(study_names())}, or a study .yaml file")
@@ -201,7 +189,7 @@ def cmd_study(argv: Sequence[str]) -> int:
                         help="show a bar over cells and the step, accuracy and ETA of running cells")
     add_set_argument(parser)
     args = parser.parse_args(argv)
-    from bench.study_cli import run_study
+    from bench.study.commands import run_study
     return run_study(args, parse_sets(args.set), list(argv))
 
 
@@ -232,7 +220,7 @@ def cmd_report(argv: Sequence[str]) -> int:
     parser.add_argument("study", help="a shipped study (see `bench list`) or a study .yaml file")
     add_study_arguments(parser)
     args = parser.parse_args(argv)
-    from bench.study_cli import report_study
+    from bench.study.commands import report_study
     return report_study(args)
 
 
@@ -265,7 +253,7 @@ def cmd_tune(argv: Sequence[str]) -> int:
                         help="show each trial's progress bar")
     add_set_argument(parser)
     args = parser.parse_args(argv)
-    from bench.tune import tune
+    from bench.study.tune import tune
     return tune(args, parse_sets(args.set))
 
 
@@ -297,8 +285,9 @@ def cmd_speed(argv: Sequence[str]) -> int:
 
 
 def cmd_list(argv: Sequence[str]) -> int:
-    from bench.config import DATASETS, preset_names
-    from bench.method import REGISTRY, method_names
+    from bench.config import preset_names
+    from bench.data.dataset import DATASETS
+    from bench.method.base import REGISTRY, method_names
 
     Parser(prog="bench list", description="list methods, datasets and presets").parse_args(argv)
     print("methods:")
@@ -306,13 +295,13 @@ def cmd_list(argv: Sequence[str]) -> int:
         print(f"  {name:14s} {REGISTRY[name].description}")
     print("datasets:\n  " + ", ".join(DATASETS))
     print("presets:\n  " + ", ".join(preset_names()))
-    from bench.studies import study_names
+    from bench.study.spec import study_names
     print("studies:\n  " + ", ".join(study_names()))
     return 0
 
 
 def version_line() -> str:
-    from bench.provenance import git_state, versions
+    from bench.run.provenance import git_state, versions
     git = git_state()
     where = f" (git {git['commit'][:12]}{', modified' if git['dirty'] else ''})" if git else ""
     return f"ssvit-bench {versions()['ssvit-bench']}{where}"

@@ -12,11 +12,11 @@ from typing import Any
 
 import yaml
 
+from bench.data.dataset import DATASETS
 from bench.errors import UsageError
 from bench.options import (DATA, MODEL, OPTIM, PSEUDO, RUN, SPLIT, START, VIEWS, Option, non_negative, positive,
                            unit_closed, unit_open, unit_open_closed)
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -257,15 +257,16 @@ def all_options(method_cls) -> dict[str, Option]:
 
 def stage_options_of(method_cls, planned: list | None = None) -> dict[str, Option]:
     """The options that set the stages of `method_cls` (of the `planned` stages only, if given)."""
-    from bench.stages import PRETRAIN, stage_options
+    from bench.method.base import get_method
+    from bench.method.stage import PRETRAIN, stage_options
     # every method takes the MAE stage's options (a preset sets them once for all); a run trains
-    # the stage only where bench.stages.plan says so
+    # the stage only where bench.method.stage.stages_of says so
     stages = [PRETRAIN, *method_cls.stages]
     if planned is not None:
         stages = [s for s in stages if s in planned]
     out: dict[str, Option] = {}
     for stage in stages:
-        out.update(stage_options(stage))
+        out.update(stage_options(stage, CORE_OPTIONS, get_method(stage.method).options))
     return out
 
 
@@ -292,14 +293,14 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
     run does not train (pretraining knobs of a run from scratch). An option a config lacks (a
     record made before the option existed) reads as its default, which keeps the behaviour it
     was added with."""
-    from bench.method import REGISTRY, method_names
+    from bench.method.base import REGISTRY, method_names
     method_names()  # the registry, filled
     method_cls = REGISTRY.get(cfg.get("method"))
     if method_cls is None:
         return {k: v for k, v in cfg.items() if k not in IDENTITY_EXCLUDED}
-    from bench.stages import plan
+    from bench.method.stage import stages_of
     full = {**defaults(method_cls), **cfg}
-    unused = set(stage_options_of(method_cls)) - set(stage_options_of(method_cls, [p.stage for p in plan(full, method_cls)]))
+    unused = set(stage_options_of(method_cls)) - set(stage_options_of(method_cls, stages_of(full, method_cls)))
     return {k: v for k, v in full.items() if k not in IDENTITY_EXCLUDED and k not in unused}
 
 
@@ -307,9 +308,3 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys on which two configs' identities differ, sorted."""
     a, b = identity(a), identity(b)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def synthetic_params(cfg: dict[str, Any]) -> dict[str, int]:
-    return {"classes": cfg["synthetic_classes"], "size": cfg["synthetic_size"],
-            "train_per_class": cfg["synthetic_train_per_class"],
-            "test_per_class": cfg["synthetic_test_per_class"], "seed": 0}

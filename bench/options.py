@@ -8,7 +8,7 @@ from typing import Any, Callable
 from bench.errors import UsageError
 
 # Option groups: how `--help` groups the flags, and what an earlier stage takes from the run
-# (bench.stages.Stage.inherits). Named once, here.
+# (bench.method.stage.Stage.inherits). Named once, here.
 DATA, SPLIT, MODEL, OPTIM, VIEWS, RUN, START, PSEUDO = ("data", "split", "model", "optim", "views", "run", "start",
                                                         "pseudo-labels")
 
@@ -97,3 +97,16 @@ def unit_closed() -> dict:
 
 def unit_open() -> dict:
     return {"check": lambda v: 0 <= v < 1, "check_msg": "in [0, 1)"}
+
+
+def strip_flag(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag V` / `flag=V`."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out

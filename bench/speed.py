@@ -23,12 +23,12 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.config import resolve, shipped_or_file
-from bench.data import make_synthetic
-from bench.engine import Trainer
+from bench.data.sources import make_synthetic
+from bench.train.trainer import Trainer
 from bench.errors import UsageError
 from bench.io import atomic_write_text
-from bench.method import get_method, method_names
-from bench.splits import make_split
+from bench.method.base import get_method, method_names
+from bench.data.splits import make_split
 
 
 class RecordedViews:
@@ -122,7 +122,7 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
 
 def disk_dataset(side: int, n: int, tmp: Path):
     """A synthetic dataset of n images of side x side in an on-disk cache (for the streamed store)."""
-    from bench.data import Dataset
+    from bench.data.dataset import Dataset
     x = np.lib.format.open_memmap(tmp / "train_x.npy", mode="w+", dtype=np.uint8, shape=(n, side, side, 3))
     rng = np.random.default_rng(0)
     for start in range(0, n, 256):

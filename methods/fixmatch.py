@@ -4,14 +4,13 @@ the strong view.
     L = L_sup + lambda_u * mean_i( 1[max q_i >= tau] * CE(f(strong_i), argmax q_i) ),
     q = softmax(f(weak)) from the online model (or the EMA teacher), without gradient.
 
-`--threshold-policy` swaps the fixed tau for an adaptive one (bench.thresholds).
+`--threshold-policy` swaps the fixed tau for an adaptive one (bench.method.thresholds).
 """
 from __future__ import annotations
 
 from torch import Tensor
 
-from bench.batch import Batch
-from bench.method import Method, pseudo_label_options, register
+from bench.method import Batch, Method, pseudo_label_options, register
 
 
 @register("fixmatch")

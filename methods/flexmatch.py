@@ -1,7 +1,7 @@
 """FlexMatch (Zhang et al., 2021): FixMatch's loss under curriculum pseudo-labelling.
 
 Each class gets its own threshold, tau scaled by how many unlabeled images the model already
-labels confidently as that class (bench.thresholds, `flexmatch`): classes it learns slowly are
+labels confidently as that class (bench.method.thresholds, `flexmatch`): classes it learns slowly are
 admitted at lower confidence early, so their pseudo-labels are not starved.
 
     L = L_sup + lambda_u * mean_i( 1[max q_i >= T_{argmax q_i}] * CE(f(strong_i), argmax q_i) ),
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.batch import Batch
-from bench.method import Method, pseudo_label_options, register
+from bench.method import Batch, Method, pseudo_label_options, register
 
 
 @register("flexmatch")

@@ -1,6 +1,6 @@
 """FreeMatch (Wang et al., 2023): self-adaptive thresholds and self-adaptive fairness.
 
-The threshold follows the model (bench.thresholds, `freematch`): a global level, the EMA of the
+The threshold follows the model (bench.method.thresholds, `freematch`): a global level, the EMA of the
 unlabeled batch's mean confidence (from 1/K, so it admits early and tightens as the model learns),
 times each class's EMA mean probability over the largest. The fairness term asks the admitted
 images' strong-view predictions to spread over the classes as the model's EMA class distribution
@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.batch import Batch
-from bench.errors import UsageError
-from bench.method import Method, pseudo_label_options, register
-from bench.options import Option, non_negative
+from bench.method import Batch, Method, Option, UsageError, non_negative, pseudo_label_options, register
 
 
 @register("freematch")

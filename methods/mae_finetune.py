@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.batch import Batch
-from bench.method import Method, register
-from bench.stages import Stage
+from bench.method import Batch, Method, Stage, register
 
 # the fine-tune, trained with every option of the run (no prefix): the run's result is the stage's
 FINETUNE = Stage("finetune", "supervised", "", keep_head=True, about="the fine-tune")

@@ -1,7 +1,7 @@
 """MAE pretraining (He et al., 2022) on every training image, labels unused.
 
 The first stage of every method that starts from MAE (`--start mae`: mae_finetune and semi_vit by
-default; bench.stages.PRETRAIN); runnable alone. Per step: a random
+default; bench.method.stage.PRETRAIN); runnable alone. Per step: a random
 resized crop + flip of each image, a random `mask_ratio` of its patches removed, the visible
 ones encoded, all reconstructed by the decoder; MSE on the removed patches only.
 """
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.batch import Batch
-from bench.method import Method, register
-from bench.options import Option, unit_open
+from bench.method import Batch, Method, Option, register, unit_open
 
 
 @register("mae_pretrain")

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bench.batch import Batch, Images
-from bench.method import Method, pseudo_label_options, register
-from bench.options import Option, unit_open
+from bench.method import Batch, Images, Method, Option, pseudo_label_options, register, unit_open
 
 
 @register("semi_mae")

@@ -13,12 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bench.batch import Batch
-from bench.method import Method, pseudo_label_options, register, soft_cross_entropy, weighted_mean
-from bench.mixing import mix, one_hot_smooth, partners_of, prob_pseudo_mix_lambda
-from bench.options import Option, unit_open
-from bench.pseudo import PseudoLabels
-from bench.stages import PRETRAIN, Stage
+from bench.method import (Batch, Method, Option, PseudoLabels, Stage, mix, one_hot_smooth, partners_of,
+                          prob_pseudo_mix_lambda, pseudo_label_options, register, soft_cross_entropy, unit_open,
+                          weighted_mean)
 
 # Stage 2, the supervised fine-tune stage 3 starts from: the run's labeled recipe, its own length,
 # learning rate and EMA (Semi-ViT's FINETUNE.md recipes differ from its semi-supervised ones); at a

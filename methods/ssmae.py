@@ -18,12 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.batch import Batch, Images
-from bench.errors import UsageError
-from bench.method import Method, register, weighted_mean
-from bench.options import Option, non_negative, positive, unit_closed, unit_open
-from bench.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, agreeing
-from bench.thresholds import threshold_options
+from bench.method import (Batch, Images, Method, Option, PseudoLabelMemory, PseudoLabels, UsageError,
+                          ValidationGate, agreeing, non_negative, positive, register, threshold_options,
+                          unit_closed, unit_open, weighted_mean)
 
 
 @register("ssmae")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from bench.batch import Batch
-from bench.method import Method, register
+from bench.method import Batch, Method, register
 
 
 @register("supervised")

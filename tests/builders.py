@@ -7,7 +7,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from bench.data import CIFAR10_CLASSES
+from bench.data.dataset import CIFAR10_CLASSES
 from helpers import REPO
 
 CIFAR100_META = REPO.parent / "shared" / "data" / "cifar100-meta.json"

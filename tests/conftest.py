@@ -1,6 +1,6 @@
 import pytest
 
-from bench.data import load_dataset
+from bench.data.sources import load_dataset
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from bench.config import resolve
-from bench.engine import Trainer
-from bench.method import get_method
-from bench.splits import make_split
+from bench.train.trainer import Trainer
+from bench.method.base import get_method
+from bench.data.splits import make_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-images.tar.gz"

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bench.config import CORE_OPTIONS, all_options
-from bench.method import get_method, method_names
+from bench.method.base import get_method, method_names
 from builders import build_cifar10, write_image_folder
 from helpers import assert_rejected, run_cli
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.compare import interval, seeds_needed
+from bench.study.compare import interval, seeds_needed
 from helpers import bench, load_json, run_dirs
 
 FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
@@ -81,7 +81,7 @@ def test_an_axis_study_compares_each_value_with_its_reference_value_paired_by_se
 
 
 def test_a_budget_lists_the_stages_in_pipeline_order():
-    from bench.report import budget_of
+    from bench.study.report import budget_of
     own = {"steps": 2000, "labeled_images": 64000, "unlabeled_images": 128000, "forward_images": 300000}
     pretrain = {"steps": 6000, "labeled_images": 0, "unlabeled_images": 1536000, "forward_images": 400000}
     finetune = {"steps": 500, "labeled_images": 16000, "unlabeled_images": 0, "forward_images": 16000}

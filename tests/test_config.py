@@ -2,7 +2,7 @@ import pytest
 
 from bench.config import resolve
 from bench.errors import UsageError
-from bench.method import get_method
+from bench.method.base import get_method
 
 
 def sup():
@@ -62,7 +62,7 @@ def test_malformed_preset_file(tmp_path):
 def test_set_method_key_reaches_that_method_only():
     from bench.cli import parse_sets
     from bench.config import resolve
-    from bench.method import get_method
+    from bench.method.base import get_method
     layer = parse_sets(["steps=30", "semi_vit.finetune_steps=7", "fixmatch.tau=0.4"])
     assert layer == {"steps": 30, "methods": {"semi_vit": {"finetune_steps": 7}, "fixmatch": {"tau": 0.4}}}
     vit = resolve(get_method("semi_vit"), preset="smoke", cli=layer)
@@ -72,7 +72,7 @@ def test_set_method_key_reaches_that_method_only():
 
 
 def test_a_study_cut_to_some_variants_keeps_their_cells():
-    from bench.studies import load_study
+    from bench.study.spec import load_study
     spec = load_study("ssmae_ablation").cut(variants=["full", "no_gate"])
     assert list(spec.variants) == ["full", "no_gate"]
     assert {c.key for c in spec.cells(1)} <= {c.key for c in load_study("ssmae_ablation").cells(1)}
@@ -81,7 +81,7 @@ def test_a_study_cut_to_some_variants_keeps_their_cells():
 
 
 def test_a_study_cut_to_some_seeds_runs_those_seeds_of_the_same_cells():
-    from bench.studies import load_study, parse_values
+    from bench.study.spec import load_study, parse_values
     full = load_study("benchmark")
     spec = full.cut(["fixmatch", "ssmae"], parse_values(["seed=1,2"]))
     assert sorted((c.method, c.seed) for c in spec.cells()) == [("fixmatch", 1), ("fixmatch", 2), ("ssmae", 1),

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from bench import data as datamod
-from bench.data import CIFAR10_CLASSES, fetch, load_dataset, make_synthetic
+from bench.data.dataset import CIFAR10_CLASSES
+from bench.data.sources import fetch, load_dataset, make_synthetic
 from bench.errors import UsageError
 from builders import build_cifar10, build_cifar100, rows_to_images, write_image_folder
 from helpers import SHARED_CIFAR10

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import checkpoint
+from bench.train import checkpoint
 from bench.config import resolve
-from bench.data import make_synthetic
-from bench.engine import Trainer
+from bench.data.sources import make_synthetic
+from bench.train.trainer import Trainer
 from bench.errors import NonFiniteLoss
 from bench.io import atomic_write, atomic_write_text
-from bench.method import get_method
-from bench.splits import make_split
+from bench.method.base import get_method
+from bench.data.splits import make_split
 from helpers import REPO, bench, bench_env, load_json
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from bench.figures import curves_figure, study_figure
-from bench.studies import StudySpec
+from bench.study.figures import curves_figure, study_figure
+from bench.study.spec import StudySpec
 
 STEPS = [100, 200, 300]
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import load_dataset
-from bench.store import ResidentStore, StreamedStore
-from bench.store.build import decode_resized
+from bench.data.sources import load_dataset
+from bench.data.store import ResidentStore, StreamedStore
+from bench.data.store.build import decode_resized
 from builders import WNIDS, write_imagenet_tree
 from helpers import REPO, bench, bench_env, load_json, run_dirs, wait_for
 
@@ -144,7 +144,7 @@ def test_peak_memory_on_the_streamed_store_does_not_grow_with_the_dataset(tmp_pa
 
 BUILD = """
 import sys
-from bench.data import load_dataset
+from bench.data.sources import load_dataset
 load_dataset("imagenet", sys.argv[1], sys.argv[2], image_side=int(sys.argv[3]), progress=False)
 """
 
@@ -344,9 +344,9 @@ def test_the_papers_studies_run_smoke_sized_on_an_imagenet_tree(tree, cache, tmp
 
 def test_auto_keeps_decoded_data_resident_and_streams_a_cache_too_big_for_memory():
     from bench.config import resolve
-    from bench.method import get_method
-    from bench.stages import plan
-    from bench.store import choose
+    from bench.method.base import get_method
+    from bench.run.stages import plan
+    from bench.data.store import choose
     cpu = torch.device("cpu")
     assert choose("auto", 1 << 60, cpu, on_disk=False) == "resident"   # CIFAR is in memory already
     assert choose("auto", 1 << 60, cpu, on_disk=True) == "streamed"
@@ -361,8 +361,8 @@ def test_auto_keeps_decoded_data_resident_and_streams_a_cache_too_big_for_memory
 
 
 def test_a_split_file_counts_by_its_content_not_its_path(tree, cache, tmp_path):
-    from bench.split_files import read_split_file
-    from bench.splits import make_split
+    from bench.data.split_files import read_split_file
+    from bench.data.splits import make_split
     d = dataset(tree, cache)
     text = "".join(f"{Path(f).name}\n" for f in d.train_files[::10])
     keys = []
@@ -376,7 +376,7 @@ def test_a_split_file_counts_by_its_content_not_its_path(tree, cache, tmp_path):
 
 def test_split_file_names_that_repeat_across_classes_and_doubled_index_columns_are_told_apart(tmp_path):
     from bench.errors import UsageError
-    from bench.split_files import read_split_file
+    from bench.data.split_files import read_split_file
     files = ["train/cat/001.jpg", "train/cat/002.jpg", "train/dog/001.jpg", "train/dog/003.jpg"]
     y, classes = np.array([0, 0, 1, 1]), ["cat", "dog"]
     listed = tmp_path / "names.txt"

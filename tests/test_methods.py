@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.mixing import mix, one_hot_smooth, prob_pseudo_mix_lambda
-from bench.pseudo import PseudoLabels
+from bench.method.mixing import mix, one_hot_smooth, prob_pseudo_mix_lambda
+from bench.method.pseudo import PseudoLabels
 from helpers import bench, load_json, run_dirs, smoke_trainer
 
 SMOKE = ["--dataset", "synthetic", "--preset", "smoke", "--no-progress"]
@@ -204,7 +204,7 @@ def test_prob_pseudo_mixup_weight_and_cutmix_area():
     assert torch.allclose(lam, torch.tensor([0.75, 0.25, 0.5, 0.5]))
     x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
     t = one_hot_smooth(torch.tensor([0, 1, 2, 3]), 4, 0.1)
-    from bench.randomness import StepRandom
+    from bench.data.randomness import StepRandom
     xm, tm, lam_c = mix(x, t, lam, x[perm], t[perm], torch.tensor([True, True, True, True]), StepRandom(0).on(x))
     for i in range(4):
         own = (xm[i] == float(i)).float().mean()        # share of the image that stayed its own

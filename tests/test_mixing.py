@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from bench.mixing import mix, one_hot_smooth, prob_pseudo_mix_lambda, sample_mix_params
-from bench.randomness import StepRandom
+from bench.method.mixing import mix, one_hot_smooth, prob_pseudo_mix_lambda, sample_mix_params
+from bench.data.randomness import StepRandom
 
 
 def draws(n, seed=0):
@@ -69,8 +69,8 @@ def test_prob_pseudo_mix_lambda_pairs_sum_to_one():
 
 
 def test_partners_come_from_the_whole_set_by_position():
-    from bench.batch import Images
-    from bench.mixing import partners_of
+    from bench.data.batch import Images
+    from bench.method.mixing import partners_of
     values = torch.arange(10.0) * 10
     perm = torch.tensor([3, 0, 1, 2, 9, 8, 7, 6, 5, 4])
     images = Images(torch.zeros(10, 1), torch.arange(10) + 32, 10, 42, start=32)  # unlabeled rows 32..41

@@ -1,4 +1,4 @@
-"""bench.model: timm ViT + masked encoding + MAE decoder, on tiny CPU models."""
+"""bench.model.vit_mae: timm ViT + masked encoding + MAE decoder, on tiny CPU models."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import timm
 import torch
 
 from bench.errors import UsageError
-from bench.model import DecoderConfig, ViTMAE, build_model, sincos_2d
+from bench.model.vit_mae import DecoderConfig, ViTMAE, build_model, sincos_2d
 
 K = 5
 

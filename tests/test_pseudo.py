@@ -1,9 +1,9 @@
 """Shared pseudo-labelling mechanics: thresholds, agreement, memory, the validation gate, EMA."""
 import torch
 
-from bench.ema import EMA
-from bench.evaluate import Evaluation
-from bench.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, admission_logs, agreeing, threshold
+from bench.model.ema import EMA
+from bench.method.evaluate import Evaluation
+from bench.method.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, admission_logs, agreeing, threshold
 
 
 def probs(rows):

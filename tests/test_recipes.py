@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from bench.config import preset_names, resolve
-from bench.method import get_method
-from bench.pseudo import confidence_cap
-from bench.splits import make_split
+from bench.method.base import get_method
+from bench.method.pseudo import confidence_cap
+from bench.data.splits import make_split
 from helpers import assert_rejected, run_cli
 
 PSEUDO_LABELLING = ["fixmatch", "semi_mae", "ssmae", "semi_vit"]

@@ -192,12 +192,12 @@ def test_smoke_run_on_real_cifar10(tmp_path, real_cache):
     assert load_json(run / "run.json")["status"] == "COMPLETED"
     # the reported accuracy is the final model's on the 10,000 real test images, above chance
     import torch
-    from bench import checkpoint
-    from bench.data import load_dataset
-    from bench.evaluate import evaluate
-    from bench.model import build_model
-    from bench.randomness import StepRandom
-    from bench.views import Views
+    from bench.train import checkpoint
+    from bench.data.sources import load_dataset
+    from bench.method.evaluate import evaluate
+    from bench.model.vit_mae import build_model
+    from bench.data.randomness import StepRandom
+    from bench.method.views import Views
     cfg = load_json(run / "config.json")
     data = load_dataset("cifar10", str(SHARED_CIFAR10), real_cache)
     model = build_model(cfg, 10, with_decoder=False)

@@ -3,7 +3,7 @@ step's batch while the pool holds a batch; smaller pools are read as endless per
 import numpy as np
 import pytest
 
-from bench.sampler import IndexStream
+from bench.data.sampler import IndexStream
 
 
 def test_no_image_twice_in_a_batch_and_every_epoch_a_permutation_without_its_remainder():

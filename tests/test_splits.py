@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bench.errors import UsageError
-from bench.splits import Split, make_split, split_for
+from bench.data.splits import Split, make_split, split_for
 
 Y = np.repeat(np.arange(10), 50)  # 10 classes x 50 images
 RNG = np.random.default_rng(0)

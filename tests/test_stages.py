@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from bench.config import resolve
-from bench.method import get_method
-from bench.model import build_model
-from bench.optim import lr_at, param_groups
-from bench.stages import digest, plan, stage_key
+from bench.method.base import get_method
+from bench.model.vit_mae import build_model
+from bench.train.optim import lr_at, param_groups
+from bench.model.weights import digest
+from bench.run.stages import plan, stage_key
 from conftest import SHORT as SHORT_ARGS
 from helpers import bench, load_json, run_dirs, smoke_trainer
 
@@ -40,9 +41,9 @@ def test_mae_pretraining_never_inherits_the_fine_tuning_recipe():
                 "dataset", "seed"):
         assert scfg[key] == run[key], key
     # so the patch embedding pretrains at the full scheduled lr, where fine-tuning gives it 0.65 ** 13
-    from bench.data import make_synthetic
-    from bench.engine import Trainer
-    from bench.splits import make_split
+    from bench.data.sources import make_synthetic
+    from bench.train.trainer import Trainer
+    from bench.data.splits import make_split
     data = make_synthetic(classes=4, size=32, train_per_class=20, test_per_class=2)
     split = make_split(data.train_y, 4, label_fraction=0.5)
     small = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32, "patch_size": 8, "decoder_dim": 32,
@@ -112,7 +113,7 @@ def test_stage_key_follows_what_pretraining_reads(knob):
 
 # -- hand-offs between stages ------------------------------------------------------------------
 def stage_files(run_dir, name):
-    from bench import checkpoint
+    from bench.train import checkpoint
     stage_dir = Path(load_json(run_dir / "info.json")["stages"][name]["dir"])
     return checkpoint.load(stage_dir / "final.pt"), load_json(stage_dir / "stage.json")
 
@@ -121,7 +122,7 @@ def test_each_stage_starts_from_the_weights_the_stage_before_it_handed_on(shared
     """The encoder always arrives (SSMAE's reference silently fine-tuned from scratch, flaw F8);
     a head after MAE pretraining is re-drawn; Semi-ViT's stage 3 keeps stage 2's head, and its
     EMA teacher starts as a copy of the fine-tuned student (main_semi.py), not as stage 2's EMA."""
-    from bench import checkpoint
+    from bench.train import checkpoint
     runs = shared_start["runs"]
     pretrained, _ = stage_files(runs["mae_finetune"], "pretrain")
     init = load_json(runs["mae_finetune"] / "info.json")["init"]   # the fine-tune stage's, the run's own
@@ -238,7 +239,7 @@ def test_every_method_can_start_from_the_cached_mae_encoder(shared_start, name, 
 def test_init_from_reads_the_suites_own_stage_and_run_folders(shared_start, tmp_path):
     """--init-from a cached stage (its final.pt) or a run (its checkpoint or selected model):
     the encoder, the decoder where the method reconstructs, and the suite's own head."""
-    from bench import checkpoint
+    from bench.train import checkpoint
     runs = shared_start["runs"]
     stage_dir = Path(load_json(runs["ssmae_mae"] / "info.json")["stages"]["pretrain"]["dir"])
     out = bench(["run", "semi_mae", *SHORT_ARGS, "--init-from", str(stage_dir), "--results-dir", str(tmp_path / "a")],

@@ -421,8 +421,8 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
 
     # the comparison study beside it: variant `preset` is the preset's own run, `tuned` what best.yaml runs
     from bench.config import differing_keys, resolve
-    from bench.method import get_method
-    from bench.studies import load_study
+    from bench.method.base import get_method
+    from bench.study.spec import load_study
     compare = folder / "tuned_fixmatch.yaml"
     assert f"bench study {compare}" in out.stdout
     spec = load_study(str(compare))
@@ -470,9 +470,9 @@ def test_a_pruned_trial_records_its_run_as_pruned_not_failed(tmp_path, monkeypat
     """What `bench tune`'s objective does at a validation the pruner rejects: the run stops at that
     step and its record says PRUNED, with no failure trace, so no browse of the runs shows failures."""
     from bench.config import resolve
-    from bench.method import get_method
-    from bench.runner import execute
-    from bench.tune import Pruned
+    from bench.method.base import get_method
+    from bench.run.runner import execute
+    from bench.study.tune import Pruned
     monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
     cfg = resolve(get_method("supervised"), preset="smoke", cli={
         "steps": 40, "eval_every": 10, "results_dir": str(tmp_path / "r"), "progress": False})
@@ -523,7 +523,7 @@ def test_no_password_is_ever_printed_or_recorded(tmp_path, postgres):
 JOIN = """
 import sys, time
 from pathlib import Path
-from bench.sweep import open_storage          # imports done before the start signal
+from bench.study.sweep import open_storage          # imports done before the start signal
 import optuna
 go = Path(sys.argv[2])
 while not go.exists():

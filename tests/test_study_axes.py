@@ -9,8 +9,8 @@ import statistics
 import pytest
 import yaml
 
-from bench.report import gate_of
-from bench.studies import load_study, study_names
+from bench.study.report import gate_of
+from bench.study.spec import load_study, study_names
 from helpers import smoke_trainer
 
 
@@ -103,8 +103,8 @@ def test_a_higher_mask_ratio_masks_more_patches(tiny_data, tmp_path, method):
 def test_a_larger_label_fraction_labels_more_images(tiny_data, tmp_path):
     """The split a run trains on follows the axis (and labels_per_class, the standard counts')."""
     from bench.config import resolve
-    from bench.method import get_method
-    from bench.splits import split_for
+    from bench.method.base import get_method
+    from bench.data.splits import split_for
 
     def labeled(**cli):
         cfg = resolve(get_method("fixmatch"), preset="smoke", cli=cli)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.config import resolve
-from bench.method import get_method, method_names
-from bench.thresholds import make_policy
+from bench.method.base import get_method, method_names
+from bench.method.thresholds import make_policy
 from helpers import assert_rejected, run_cli, smoke_trainer
 
 
@@ -148,7 +148,7 @@ def test_an_oracle_trains_the_true_labels_under_the_methods_own_mask(tiny_data, 
 
 def test_the_oracle_is_never_a_default_and_bench_tune_refuses_it(tmp_path, capsys, monkeypatch):
     from bench.config import preset_names
-    from bench.studies import load_study, study_names
+    from bench.study.spec import load_study, study_names
     for method in method_names():
         for preset in [None, *preset_names()]:
             cli = {"data": "/data"} if preset and "imagenet" in preset else {}

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.batch import Images
-from bench.randomness import StepRandom
-from bench.views import IMAGENET_MEAN, IMAGENET_STD, Views
+from bench.data.batch import Images
+from bench.data.randomness import StepRandom
+from bench.method.views import IMAGENET_MEAN, IMAGENET_STD, Views
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
