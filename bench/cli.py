@@ -81,6 +81,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         return 0
 
     from bench import distributed
+    from bench.run.link import StudyLink
     from bench.run.runner import execute
     if nproc != 1:
         return launch_ranks(cfg, resume, nproc, argv)
@@ -88,7 +89,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     cfg = {**cfg, "device": distributed.world_device(w, cfg["device"])}
     try:
         with distributed.stop_on_sigterm():
-            run_id, result = execute(cfg, resume=resume)
+            run_id, result = execute(cfg, resume=resume, link=StudyLink.from_env())  # a study worker's, if any
     finally:
         distributed.leave()
     if w.is_main:
@@ -103,7 +104,7 @@ def launch_ranks(cfg: dict[str, Any], resume: str | None, nproc: int, argv: Sequ
 
     from bench.distributed.launch import launch
     from bench.distributed.world import check_devices, from_env
-    from bench.run.runner import prepare
+    from bench.run.prepare import prepare
     if nproc < 1:
         raise UsageError(f"--nproc {nproc}: give a number of ranks >= 1")
     if from_env() is not None:
@@ -111,7 +112,16 @@ def launch_ranks(cfg: dict[str, Any], resume: str | None, nproc: int, argv: Sequ
     if cfg["device"] != "cpu" and torch.cuda.is_available():
         check_devices(nproc, "cuda", torch.cuda.device_count())
     prepare(cfg, resume, nproc)
-    return launch(nproc, strip_flag(list(argv), "--nproc"))
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from bench.run.link import StudyLink
+    link = StudyLink.from_env()  # a study worker's, if it started this launch
+    with tempfile.TemporaryDirectory() as tmp:
+        if link.run_id_file is None:  # the launcher names the run in its messages
+            link = dataclasses.replace(link, run_id_file=Path(tmp) / "run_id")
+        return launch(nproc, strip_flag(list(argv), "--nproc"), link.to_env(), link.run_id_file)
 
 
 def _peek(argv: Sequence[str], flag: str) -> str | None:

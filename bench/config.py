@@ -151,7 +151,9 @@ CORE_OPTIONS: dict[str, Option] = {
                          "run stops as FAILED", RUN, type=float, **positive()),
 }
 
-# Keys that do not change what a run computes: a resume may differ on these.
+# Keys that do not change what a run computes: a resume may differ on these. (`world_size`,
+# `rank_batch` and `store_used` are runtime facts kept in a run's info; records made before
+# they moved there hold them in their config.)
 IDENTITY_EXCLUDED = {"results_dir", "mongo", "progress", "device", "cache_dir", "data",
                      "compile", "eval_batch_size", "dist_timeout", "world_size", "rank_batch", "store",
                      "store_used"}

@@ -31,27 +31,6 @@ from bench.method.base import get_method, method_names
 from bench.data.splits import make_split
 
 
-class RecordedViews:
-    """Wraps the run's Views: forwards every call and records (kind, input) for re-timing."""
-
-    def __init__(self, views):
-        self._views = views
-        self.calls: list[tuple[str, torch.Tensor]] = []
-        self.recording = False
-
-    def __getattr__(self, name):
-        attr = getattr(self._views, name)
-        if name in ("weak", "strong", "mae", "eval"):
-            def call(x, _f=attr, _n=name):
-                if self.recording:
-                    self.calls.append((_n, x))
-                return _f(x)
-            return call
-        if name == "labeled":
-            return lambda x, kind: getattr(self, kind)(x)
-        return attr
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -70,8 +49,6 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
         data = make_synthetic(classes=10, size=32, train_per_class=per_class, test_per_class=4)
     split = make_split(data.train_y, data.num_classes, label_fraction=0.5, seed=0)
     trainer = Trainer(cfg, cls, data, split, tmp)
-    views = RecordedViews(trainer.views)
-    trainer.method.views = views
     trainer.method.steady_state()
     dev = trainer.device
     for _ in range(warmup):  # compilation, autotuning, allocator warm-up
@@ -89,14 +66,13 @@ def measure(method: str, preset: str | None, steps: int, warmup: int, overrides:
     with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         trainer.train_step()
     flops = counter.get_total_flops()
-    views.recording = True
-    trainer.train_step()
-    views.recording = False
+    with trainer.views.recording() as calls:
+        trainer.train_step()
     _sync(dev)
     start = time.perf_counter()
     for _ in range(steps):
-        for kind, x in views.calls:
-            getattr(views._views, kind)(x)
+        for kind, x in calls:
+            getattr(trainer.views, kind)(x)
     _sync(dev)
     view_s = (time.perf_counter() - start) / steps
     images = trainer.n_labeled + trainer.n_unlabeled

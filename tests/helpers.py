@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from bench.config import resolve
+from bench.train.sink import Sink
 from bench.train.trainer import Trainer
 from bench.method.base import get_method
 from bench.data.splits import make_split
@@ -84,10 +85,24 @@ def assert_rejected(code, lines, err, words, results):
     assert not results.exists() or not any(results.rglob("*")), "bad input wrote results"
 
 
+class CallbackSink(Sink):
+    """A training's curves and warnings handed to plain callables (a test's lists)."""
+
+    def __init__(self, log=None, warn=None):
+        self._log, self._warn = log, warn
+
+    def log(self, name, value, step):
+        if self._log is not None:
+            self._log(name, value, step)
+
+    def warn(self, message):
+        if self._warn is not None:
+            self._warn(message)
+
+
 def smoke_trainer(method, data, run_dir, log=None, warn=None, split=None, **cli):
     """A Trainer for `method` at the smoke preset plus `cli` options, on a seeded 25 % label split
-    (or `split`)."""
+    (or `split`); its curves and warnings go to `log(name, value, step)` and `warn(message)`."""
     cfg = resolve(get_method(method), preset="smoke", cli={"progress": False, **cli})
     split = split or make_split(data.train_y, data.num_classes, label_fraction=0.25, seed=0)
-    extra = {k: v for k, v in (("log", log), ("warn", warn)) if v is not None}
-    return Trainer(cfg, get_method(method), data, split, run_dir, **extra)
+    return Trainer(cfg, get_method(method), data, split, run_dir, sink=CallbackSink(log, warn))

@@ -81,8 +81,9 @@ def test_two_ranks_train_the_run_one_rank_trains(pairs, method):
         assert one["method"]["gate"]["is_open"] and one["method"]["gate"] == two["method"]["gate"]
     r1, r2 = load_json(dir1 / "run.json")["result"], load_json(dir2 / "run.json")["result"]
     assert r1["budget"] == r2["budget"]                          # counted over every rank
-    cfg = load_json(dir2 / "config.json")
-    assert cfg["world_size"] == 2 and cfg["rank_batch"]["labeled"] == cfg["batch_size"] // 2
+    cfg, runtime = load_json(dir2 / "config.json"), load_json(dir2 / "info.json")["runtime"]
+    assert runtime["world_size"] == 2 and runtime["rank_batch"]["labeled"] == cfg["batch_size"] // 2
+    assert "world_size" not in cfg   # runtime facts sit beside the config, not in it
 
 
 def files(results):

@@ -42,7 +42,7 @@ def test_gate_is_read_on_its_own_cadence_and_test_only_at_evaluations(tiny_data,
     assert steps_of(logged, "gate.open") == [5, 10, 15, 20, 25, 30, 35, 40]
     assert steps_of(logged, "gate.hc_count") == steps_of(logged, "gate.open")
     assert steps_of(logged, "test_acc") == steps_of(logged, "val_acc") == [20, 40]
-    assert t.selection.step in (20, 40)  # selection needs a test accuracy at its point
+    assert t.evaluator.selection.step in (20, 40)  # selection needs a test accuracy at its point
 
 
 def test_a_silent_run_warns_on_stderr_and_in_its_record(tmp_path):

@@ -71,7 +71,7 @@ def test_ssmae_gate_opens_on_validation_and_then_admits(tiny_data, tmp_path):
     reported = m.take_pseudo_labels()
     assert "admit" not in reported and not reported["pl"].mask.any()  # gate closed: no teacher passes
     assert len(m.memory) == 0
-    t.evaluate()                                        # validation high-confidence accuracy >= 0 opens it
+    t.evaluator.evaluate()                                        # validation high-confidence accuracy >= 0 opens it
     assert m.gate.is_open
     batch, _ = t.next_batch()
     m.train_step(batch)
@@ -103,7 +103,7 @@ def test_ssmae_forwards_unlabeled_images_for_its_loss_only_once_the_gate_has_ope
     batch, _ = t.next_batch()
     m.train_step(batch)
     assert seen == [len(batch.l)]                      # shut since the start: labeled images only
-    t.evaluate()                                       # validation high-confidence accuracy >= 0 opens it
+    t.evaluator.evaluate()                                       # validation high-confidence accuracy >= 0 opens it
     assert m.gate.is_open and m.gate.has_opened
     m.train_step(batch)                                # open: confidence 0 admits every image
     m.gate.is_open = False                             # shut again: the memory keeps what it admitted
@@ -227,7 +227,7 @@ def test_forward_images_are_counted_as_each_method_spends_them(tiny_data, tmp_pa
     budget = t.budget()
     assert (budget["steps"], budget["labeled_images"], budget["unlabeled_images"]) == (3, 3 * B, 3 * U)
     assert budget["forward_images"] == round(3 * per_step)
-    t.evaluate()                                      # evaluation is not training compute
+    t.evaluator.evaluate()                                      # evaluation is not training compute
     assert t.budget()["forward_images"] == round(3 * per_step)
 
 

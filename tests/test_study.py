@@ -523,7 +523,7 @@ def test_no_password_is_ever_printed_or_recorded(tmp_path, postgres):
 JOIN = """
 import sys, time
 from pathlib import Path
-from bench.study.sweep import open_storage          # imports done before the start signal
+from bench.study.storage import open_storage          # imports done before the start signal
 import optuna
 go = Path(sys.argv[2])
 while not go.exists():

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,23 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, argv: list[str], grace: float = 30.0) -> int:
-    """Run `bench run argv` as `nproc` ranks; returns the exit code the run earned (0 done, 1
-    failed, 2 bad input, 130 interrupted)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        id_file = os.environ.get("SSVIT_RUN_ID_FILE") or str(Path(tmp) / "run_id")
-        base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-                    LOCAL_WORLD_SIZE=str(nproc), SSVIT_RUN_ID_FILE=id_file, PYTHONUNBUFFERED="1")
-        procs = [subprocess.Popen([sys.executable, "-m", "bench.cli", "run", *argv],
-                                  env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-        interrupted = []
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-        try:
-            first = watch(procs, interrupted, grace)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        codes = [p.returncode for p in procs]
-        run_id = Path(id_file).read_text().strip() if Path(id_file).exists() else None
+def launch(nproc: int, argv: list[str], env: dict[str, str], run_id_file: Path, grace: float = 30.0) -> int:
+    """Run `bench run argv` as `nproc` ranks with `env` added to theirs (it names `run_id_file`,
+    where rank 0 writes the run's id); returns the exit code the run earned (0 done, 1 failed,
+    2 bad input, 130 interrupted)."""
+    base = dict(os.environ, **env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.cli", "run", *argv],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        first = watch(procs, interrupted, grace)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    codes = [p.returncode for p in procs]
+    run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
     if first is None:
         return max(codes) if any(codes) else 0
     rank, code = first

@@ -24,6 +24,9 @@ resize 256, centre crop 224).
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import math
 
 import torch
@@ -46,6 +49,16 @@ MAX_TRANSLATE = 0.3   # fraction of the side
 MAX_ENHANCE = 0.9     # brightness/contrast/colour/sharpness factor 1 +- this
 
 
+def _recorded(view):
+    """A public view whose calls `Views.recording` can collect (bench speed re-times them)."""
+    def call(self, x):
+        if self._calls is not None:
+            self._calls.append((view.__name__, x))
+        return view(self, x)
+    call.__name__, call.__doc__ = view.__name__, view.__doc__
+    return call
+
+
 class Views:
     def __init__(self, out_size: int, random: StepRandom, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  pad_frac: float = 0.125, randaug_ops: int = 2, randaug_mag: float = 10.0,
@@ -65,8 +78,20 @@ class Views:
         dev = random.device
         self.mean = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+        self._calls: list | None = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[tuple[str, Images | Tensor]]]:
+        """Collect (view, input) of every view made inside the block: `bench speed` times a
+        step's views alone by making them again."""
+        self._calls = []
+        try:
+            yield self._calls
+        finally:
+            self._calls = None
 
     # -- the views: each takes `Images` (or a bare uint8 tensor) -------------------------------
+    @_recorded
     def eval(self, x: Images | Tensor) -> Tensor:
         img = _to_float(_pixels(x))
         size = self.out_size if self.eval_crop >= 1 else int(round(self.out_size / self.eval_crop))
@@ -77,6 +102,7 @@ class Views:
             img = img[:, :, top:top + self.out_size, top:top + self.out_size]
         return self._normalise(img)
 
+    @_recorded
     def weak(self, x: Images | Tensor) -> Tensor:
         d, px = self.random.on(x), _pixels(x)
         theta = self._flip(d, self._crop(d, _identity(len(px), px.device), px.shape[1]))
@@ -85,6 +111,7 @@ class Views:
             img = self._jitter(d, img)
         return self._normalise(img)
 
+    @_recorded
     def strong(self, x: Images | Tensor) -> Tensor:
         d, px = self.random.on(x), _pixels(x)
         n, dev = len(px), px.device
@@ -102,6 +129,7 @@ class Views:
         out = self._normalise(self._cutout(d, img))
         return self._erase(d, out) if self.erase_prob > 0 else out
 
+    @_recorded
     def mae(self, x: Images | Tensor) -> Tensor:
         d, px = self.random.on(x), _pixels(x)
         theta = self._resized_crop(d, len(px), px.device, *self.mae_scale)

@@ -2,7 +2,7 @@
 content-addressed and reused.
 
 `plan(cfg, method)` is the one list of stages a run trains, with each stage's resolved config:
-it is computed once per run (`bench.run.runner.prepare`) and read by every caller (the checks,
+it is computed once per run (`bench.run.prepare`) and read by every caller (the checks,
 the world-size check, the stage training).
 
 Every classifying method may start from the MAE pretraining stage (`--start mae`); mae_finetune
@@ -18,16 +18,22 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from bench.train import checkpoint
 from bench.distributed import barrier, broadcast, world
 from bench.io import atomic_write_text, read_json
 from bench.method.stage import Stage, stages_of
+from bench.run.link import StudyLink
+from bench.run.sinks import RecordSink
+from bench.run.tracking import RunHandle
+from bench.train import checkpoint
+from bench.train.trainer import Trainer
 
 # Bumped when what a stage computes from the same config changes, or what keys it, so older
 # cached stages are not reused (2: images and augmentations drawn from (seed, step); 3: stage
@@ -68,8 +74,6 @@ def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any
     if not stage.prefix:  # the run's own training: its options are the stage's
         scfg.update({k: cfg[k] for k in method_cls.options if k in cfg})
     scfg["method"], scfg["preset"] = method_cls.name, cfg.get("preset")
-    if cfg.get("store_used"):  # decided once per run: every stage reads the same store
-        scfg["store_used"] = cfg["store_used"]
     return scfg
 
 
@@ -145,3 +149,87 @@ def stage_curves(stage_dir: Path) -> dict[str, dict[str, list]]:
     return read_json(Path(stage_dir) / "metrics.json")
 
 
+def train_stages(prepared, record: RunHandle | None, link: StudyLink, on_validation=None):
+    """Train (or reuse from the stage cache) the run's planned stages, in order; returns the last
+    stage's weights, whether its classifier head carries over, per earlier stage its cache key,
+    whether it was reused, the minutes it took to train (by this run or an earlier one) and its
+    budget, and, for a method whose training is its last stage, that stage's result (else None)."""
+    p_, cfg, method_cls, data, split = prepared, prepared.cfg, prepared.method_cls, prepared.data, prepared.split
+    weights, keep_head, previous = None, False, None
+    if p_.init is not None:  # a weight file stands in for MAE pretraining (the suite's own: with its head)
+        init = p_.init
+        weights, keep_head, previous = init[0], init[1].get("head_loaded", False), f"init:{init[1]['sha256']}"
+    stages_info: dict[str, dict] = {}
+    own = None
+    for i, p in enumerate(p_.plan):
+        is_own = not method_cls.own_training and i == len(p_.plan) - 1
+        key = stage_key(p.cfg, p.method_cls, previous, data.source_hash, split.hash)
+        stage_dir = Path(cfg["results_dir"]) / "stages" / key
+        job = StageJob(p, data, split, record, link, weights, keep_head, own=is_own, on_validation=on_validation,
+                       progress=cfg["progress"], store=p_.runtime.get("store_used"))
+        weights, reused = run_stage(stage_dir, job.train)
+        keep_head, previous = p.stage.keep_head, key
+        done = stage_result(stage_dir)
+        if is_own:
+            own = {**done, "stage_key": key, "reused": reused}
+            if reused:
+                job.replay(stage_dir)
+            continue
+        stages_info[p.stage.name] = {"key": key, "dir": str(stage_dir.resolve()), "reused": reused,
+                                     "minutes": done.get("minutes", 0.0), "budget": done.get("budget", {})}
+        if record is not None:
+            record.set_info("stages", stages_info)
+    return weights, keep_head, stages_info, own
+
+
+class StageJob:
+    """One stage's training for a run: a Trainer on the stage's config in the stage's folder,
+    started from the previous stage's weights (or resumed from its own checkpoint), its curves
+    logged into the run (prefixed by the stage's name, unless it is the run's own training) and
+    kept in the stage's folder."""
+
+    def __init__(self, planned: PlannedStage, data, split, record: RunHandle | None, link: StudyLink, prior,
+                 keep_head: bool, own: bool, on_validation, progress: bool, store: str | None):
+        self.p, self.data, self.split, self.record, self.link = planned, data, split, record, link
+        self.prior, self.keep_head, self.own, self.store = prior, keep_head, own, store
+        self.on_validation, self.progress = (on_validation if own else None), progress
+
+    def train(self, stage_dir: Path) -> None:
+        p = self.p
+        ckpt = stage_dir / "checkpoint.pt"
+        resume_step = checkpoint.saved_step(ckpt) if broadcast(ckpt.exists()) and world().is_main else None
+        resume_step = broadcast(resume_step)
+        sink = RecordSink(self.record, self.link, prefix="" if self.own else f"{p.stage.name}.",
+                          curves=StageCurves(stage_dir, resume_step), stage="" if self.own else p.stage.name,
+                          on_validation=self.on_validation, warns=self.own)
+        trainer = Trainer(p.cfg, p.method_cls, self.data, self.split, stage_dir, sink=sink, store=self.store)
+        if resume_step is not None:  # an interrupted stage continues where it stopped
+            trainer.load_state_dict(checkpoint.load(trainer.ckpt_path))
+        elif self.prior is not None:
+            trainer.init_from(self.prior, self.keep_head)
+        start = time.perf_counter()
+        result = trainer.run(progress=self.progress)
+        result["minutes"] = (time.perf_counter() - start) / 60
+        if world().is_main:
+            sink.flush()
+            save_final(stage_dir, trainer.model, trainer.ema.model, p.cfg, result, trainer.init)
+        if self.own and self.record is not None:
+            self.record.set_info("init", trainer.init)
+            self.keep_selected(stage_dir)
+
+    def keep_selected(self, stage_dir: Path) -> None:
+        """The run's own training is a stage: its validation-selected model also lives in the run."""
+        if (stage_dir / "selected.pt").is_file():
+            shutil.copyfile(stage_dir / "selected.pt", self.record.dir / "selected.pt")
+
+    def replay(self, stage_dir: Path) -> None:
+        """A reused stage that is the run's training: its curves and selected model become the run's."""
+        if self.record is None:
+            return
+        for name, series in stage_curves(stage_dir).items():
+            for step, value in zip(series["steps"], series["values"]):
+                self.record.log_scalar(name, value, step)
+        info = read_json(stage_dir / "stage.json").get("init")
+        if info:
+            self.record.set_info("init", info)
+        self.keep_selected(stage_dir)

@@ -12,11 +12,13 @@ from optuna.trial import TrialState
 from bench.data.dataset import DATASETS
 from bench.data.sources import load_for, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
-from bench.run.runner import check_feasible, check_world
+from bench.run.prepare import check_feasible, check_world
 from bench.study.records import recorded_seeds, restore
 from bench.study.report import report_dir, write_report
 from bench.study.spec import StudySpec, load_study, parse_values
-from bench.study.sweep import Sweep, default_storage, open_storage, read_board, study_name
+from bench.study.claims import read_board
+from bench.study.storage import default_storage, open_storage, study_name
+from bench.study.sweep import Sweep
 from bench.run.tracking import prepare_runs_dir
 
 

@@ -33,7 +33,8 @@ from bench.io import atomic_write_text, read_json
 from bench.method.base import get_method
 from bench.run.provenance import redact
 from bench.study.report import pseudo_label_health
-from bench.study.sweep import default_storage, open_storage
+from bench.study import claims
+from bench.study.storage import default_storage, open_storage
 from bench.run.tracking import SacredInterrupt, prepare_runs_dir, runs_dir
 from bench.study.tune_report import write_search_report
 
@@ -100,7 +101,7 @@ def check_space(method_cls, base: dict[str, Any], space: dict[str, Any], options
     """Every trial must be able to work: the space's corners (where thresholds, smoothing and
     schedules are at their extremes) are checked like a run, before any trial starts."""
     from bench.data.sources import load_for, prepare_cache_dir
-    from bench.run.runner import check_feasible
+    from bench.run.prepare import check_feasible
     cache = prepare_cache_dir(base["cache_dir"])
     data = load_for(base, cache, progress=base["progress"])
     check_feasible(base, data, cache)
@@ -151,7 +152,7 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     # seeded by what the storage holds: a search resumed in a new process would otherwise replay
     # its first trials' random draws and spend trials on configs it already ran
     study.sampler = optuna.samplers.TPESampler(seed=len(study.get_trials(deepcopy=False)))
-    fail_stale(study, 4 * args.heartbeat)
+    claims.fail_stale(study, claims.HEARTBEATS_OF_GRACE * args.heartbeat, "tuner lost: no heartbeat")
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space, options)
@@ -162,7 +163,7 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             if trial.should_prune():
                 raise Pruned(f"pruned at step {step}")
 
-        with heartbeat(study, trial, args.heartbeat):
+        with claims.Heartbeat(study, trial, args.heartbeat):
             run_id, result = execute(cfg, on_validation=report,
                                      info={"optuna": {"study": name, "trial": trial.number, "storage": redact(url)}})
         trial.set_user_attr("run_id", run_id)
@@ -256,36 +257,3 @@ def search_dir(args: argparse.Namespace, method: str) -> Path:
     return Path(args.report_dir) / "tune" / stem if args.report_dir else Path(args.results_dir) / "tuned" / stem
 
 
-class heartbeat:
-    """Refreshes a running trial's heartbeat, so that another tuner can tell a dead one's trial."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float) -> None:
-        self.study, self.trial, self.interval, self.stop = study, trial, interval, threading.Event()
-
-    def beat(self) -> None:
-        while True:
-            try:
-                self.study._storage.set_trial_system_attr(self.trial._trial_id, "heartbeat", time.time())
-            except Exception:  # a storage hiccup must not kill the trial; the next beat retries
-                pass
-            if self.stop.wait(self.interval):
-                return
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self.beat, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-def fail_stale(study: optuna.Study, grace: float) -> None:
-    """Fail every RUNNING trial whose heartbeat stopped (its tuner was killed), so that `--trials`
-    counts it as missing."""
-    now = time.time()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if now - t.system_attrs.get("heartbeat", 0) > grace:
-            study._storage.set_trial_user_attr(t._trial_id, "reason", "tuner lost: no heartbeat")
-            study.tell(t.number, state=TrialState.FAIL)

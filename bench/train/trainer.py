@@ -1,59 +1,48 @@
-"""The training loop shared by every method.
+"""The training loop shared by every method: the state, the step, and one screen of loop.
 
 One step: reseed the step's randomness from (seed, step), take the step's indices from the
 index streams (also a function of (seed, step)), gather the images on the device ->
 `method.train_step` (views are made inside, on the device) -> backward, clip, AdamW step at the
-scheduled lr, EMA update. Every `eval_every` steps the raw and EMA models are evaluated on
-validation and test; the method sees validation only. Every `ckpt_every` steps (and at the end,
-and on Ctrl-C) the whole state is checkpointed atomically, so `--resume` continues to the same
-result as an uninterrupted run.
+scheduled lr, EMA update. After each step the schedule names what else is due, each on its own
+object: reporting (`bench.train.reporting`), evaluation with selection
+(`bench.train.evaluation`), a method's validation reading, a checkpoint. Everything the
+training emits goes to one `Sink`. The whole state is checkpointed atomically, so `--resume`
+continues to the same result as an uninterrupted run.
 """
 from __future__ import annotations
 
 import contextlib
-import signal
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from bench.train import checkpoint
-from bench.data.batch import Batch, Images
-from bench.train.budget import ForwardCounter
-from bench.distributed import all_sum, average_gradients, barrier, broadcast_module, pick_device, world
 from bench.config import identity
+from bench.data.batch import Batch, Images
 from bench.data.dataset import Dataset
-from bench.model.ema import EMA
-from bench.errors import NonFiniteLoss, UsageError
-from bench.method.evaluate import evaluate
-from bench.train.logwindow import LogWindow
-from bench.method.base import Method, TrainData
-from bench.model.vit_mae import build_model
-from bench.train.optim import build_optimizer, lr_at, set_lr
-from bench.method.pseudo import PseudoLabelMode, admission_logs
 from bench.data.randomness import StepRandom
 from bench.data.sampler import IndexStream
-from bench.train.schedule import Clock, Event, Schedule
 from bench.data.splits import Split
-from bench.model.weights import digest, transfer
 from bench.data.store import open_store
+from bench.distributed import all_sum, average_gradients, barrier, broadcast_module, pick_device, world
+from bench.errors import NonFiniteLoss, UsageError
+from bench.method.base import Method, TrainData
+from bench.method.pseudo import PseudoLabelMode, admission_logs
 from bench.method.views import Views
-
-LogFn = Callable[[str, float, int], None]
-
-
-@dataclass
-class Selection:
-    """The evaluation point chosen on validation accuracy (raw or EMA model)."""
-    step: int = -1
-    model: str = ""
-    val_acc: float = -1.0
-    test_acc: float = float("nan")
+from bench.model.ema import EMA
+from bench.model.vit_mae import build_model
+from bench.model.weights import digest, transfer
+from bench.train import checkpoint
+from bench.train.budget import ForwardCounter
+from bench.train.evaluation import Evaluator
+from bench.train.logwindow import LogWindow
+from bench.train.optim import build_optimizer, lr_at, set_lr
+from bench.train.reporting import Reporter
+from bench.train.schedule import Event, Schedule
+from bench.train.sink import Sink
+from bench.train.stop import StopRequest
 
 
 @dataclass
@@ -63,14 +52,9 @@ class Trainer:
     data: Dataset
     split: Split
     run_dir: Path
-    log: LogFn = lambda name, value, step: None
-    flush: Callable[[], None] = lambda: None  # persist logged metrics (called before checkpoints)
-    on_validation: Callable[[int, dict], None] | None = None  # sees validation accuracy only (pruning)
-    warn: Callable[[str], None] = lambda message: None  # a health warning: shown and kept in the run's info
-    on_progress: Callable[[dict], None] | None = None  # step, steps, val_acc, eta_s at each log flush
+    sink: Sink = field(default_factory=Sink)
+    store: str | None = None  # where the images live, as the run decided it (bench.run.prepare); None: cfg's
     step: int = 0
-    selection: Selection = field(default_factory=Selection)
-    last_eval: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -78,7 +62,7 @@ class Trainer:
         self.device = dev = pick_device(cfg["device"])
         self.random = StepRandom(cfg["seed"], dev, self.world.rank)  # also seeds the model's initialisation
         # Images come from a store (on the device, or streamed from disk a step ahead); labels are small.
-        kind = cfg.get("store_used") or cfg["store"]
+        kind = self.store or cfg["store"]
         self.train_store = open_store(self.data.train_x, dev, kind)
         self.test_store = open_store(self.data.test_x, dev, kind)
         self.train_y = torch.from_numpy(self.data.train_y).to(dev)
@@ -119,69 +103,48 @@ class Trainer:
             self.model.compile()
         self.window = LogWindow(dev)
         self.forward_images_before = 0  # forward passes of every rank before this process's start
-        self._stop_requested = False
-        self.admitted = False  # has any pseudo-label been used yet (semi-supervised methods)
-        self.warned = False    # ... and if not by half the run, has the user been told
         self.init: dict[str, Any] = {}  # where the weights came from (an earlier stage), for the record
+        # the other cadences: evaluation with selection, and reporting; and a stop request
+        self.evaluator = Evaluator(self, self.sink, self.run_dir)
+        self.reporter = Reporter(self, self.sink)
+        self.stop = StopRequest()
 
-    # -- state ---------------------------------------------------------------------------------
-    @property
-    def ckpt_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        schedule = self.schedule()
+        with self.stop.on_signals(), self.reporter.showing(progress) as report:
+            while self.step < self.cfg["steps"]:
+                if self.stop.due(self.step, self.cfg["log_every"]):
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt
+                self.train_step()
+                for event in schedule.due(self.step):
+                    if event == "log":
+                        report.log()
+                        self.stop.agree()  # a Ctrl-C seen by any rank stops every rank here
+                    elif event == "evaluate":
+                        report.show({"val": f"{self.evaluator.evaluate()['val_acc']:.1f}", **self.method.status()})
+                    elif event == "read":
+                        self.evaluator.read()
+                        report.show(self.method.status())
+                    elif event == "checkpoint":
+                        self.save_checkpoint()
+                    report.exclude()  # evaluation, checkpoint and logging time is not training throughput
+        return self.result(report.images_per_s())
 
-    def state_dict(self) -> dict[str, Any]:
-        # No stream or generator state: what a step draws is a function of (seed, step). Nothing
-        # depends on the world size either, so a run resumes at any world size.
-        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "method": self.method.full_state_dict(),
-                "forward_images": self.forward_images(), "init": dict(self.init),
-                "selection": vars(self.selection).copy(),
-                "last_eval": dict(self.last_eval), "config": identity(self.cfg),
-                "health": (self.admitted, self.warned), "log_window": self.window.state_dict(),
-                "split_hash": self.split.hash}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"] != identity(self.cfg) or state["split_hash"] != self.split.hash:
-            raise UsageError("the checkpoint was made with a different config or split; "
-                             "resume with the original options or start a new run")
-        self.step = state["step"]
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_full_state_dict(state["method"])
-        self.forward_images_before, self.init = state["forward_images"], dict(state["init"])
-        self.selection = Selection(**state["selection"])
-        self.last_eval = dict(state["last_eval"])
-        self.admitted, self.warned = state["health"]
-        if self.world.is_main:  # the partial window belongs to the rank that logs it
-            self.window.load_state_dict(state["log_window"])
-
-    def init_from(self, weights: dict[str, Any], keep_head: bool, ema_from_stage: bool = False) -> None:
-        """Start from an earlier stage's weights (`bench.model.weights.transfer`): the encoder always,
-        the MAE decoder where both have one, the classifier head when it carries over, else a
-        fresh head. The EMA (a teacher, for Semi-ViT) starts as a copy of the loaded model, as
-        Semi-ViT's reference builds its teacher, or from the stage's EMA (`ema_from_stage`)."""
-        parts = transfer(weights["model"], self.model, keep_head)
-        broadcast_module(self.model)  # a re-drawn head is rank 0's on every rank
-        self.ema.copy_from(self.model)
-        if ema_from_stage:
-            transfer(weights["ema"], self.ema.model, keep_head)
-        model, ema = self.model.state_dict(), self.ema.model.state_dict()
-        self.init = {"head": "stage's" if keep_head else "re-drawn (std 2e-5)", "loaded": ["encoder", *parts],
-                     "ema": "stage's EMA" if ema_from_stage else "a copy of the loaded model",
-                     "encoder_sha256": digest(model), "head_sha256": digest(model, "head"),
-                     "ema_encoder_sha256": digest(ema), "ema_head_sha256": digest(ema, "head")}
-        if "decoder" in parts:
-            self.init["decoder_sha256"] = digest(model, "decoder")
-
-    def save_checkpoint(self) -> None:
-        """Every rank takes part (the state's counts are reduced); rank 0 alone writes."""
-        self._check_finite()
-        state = self.state_dict()
-        if self.world.is_main:
-            self.flush()  # metrics first: a kill between the two leaves no gap after resume
-            checkpoint.save(self.ckpt_path, state)
-        barrier()  # no rank runs ahead of a checkpoint another rank may resume from
+    def schedule(self) -> Schedule:
+        """What happens after a step, in order: log (and show progress), evaluate (validation and
+        test), a method's extra validation reading (a gate's cadence, where no evaluation falls),
+        checkpoint. The log also closes at every checkpoint, so that the curves written before a
+        checkpoint end at its step and a resumed run's log windows are the uninterrupted run's."""
+        cfg = self.cfg
+        reads = self.method.validation_every()
+        return Schedule(cfg["steps"], [
+            Event("log", (cfg["log_every"], cfg["ckpt_every"]), at_end=True),
+            Event("evaluate", (cfg["eval_every"],) if self.method_cls.classifies else (),
+                  at_end=self.method_cls.classifies),
+            Event("read", (reads,) if reads else (), unless="evaluate"),
+            Event("checkpoint", (cfg["ckpt_every"],), at_end=True)])
 
     # -- one step ------------------------------------------------------------------------------
     def autocast(self):
@@ -258,147 +221,70 @@ class Trainer:
         return {"steps": self.step, "labeled_images": self.step * self.n_labeled,
                 "unlabeled_images": self.step * self.n_unlabeled, "forward_images": round(self.forward_images())}
 
-    def _check_finite(self) -> None:
+    def check_finite(self) -> None:
         if not self.window.all_finite():
             raise NonFiniteLoss(f"non-finite loss at or before step {self.step}; lower --lr, set "
                                 f"--clip-grad, or check the data")
 
-    def flush_logs(self, seconds: float) -> dict[str, float]:
-        """Move accumulated step logs to the host (one sync per log interval) and record them."""
-        if not self.window.count:
-            return {}
-        self._check_finite()
-        count = self.window.count
-        values = self.window.take()
-        values["img_per_s"] = count * (self.n_labeled + self.n_unlabeled) / max(seconds, 1e-9)
-        values["lr"] = lr_at(self.step - 1, self.cfg)
-        for k, v in values.items():
-            self.log(f"train.{k}", v, self.step)
-        self._check_admission(values)
-        return values
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
 
-    def _check_admission(self, values: dict[str, float]) -> None:
-        """A semi-supervised run that has used no pseudo-label by half its steps is a supervised
-        run in disguise: say so once, while it runs."""
-        if not self.method_cls.pseudo_labels or self.admitted or self.warned or self.pl_mode.mode != "on":
-            return
-        self.admitted = values.get("pl_rate", 0.0) > 0
-        if not self.admitted and self.step >= self.cfg["steps"] // 2:
-            self.warned = True
-            self.warn(f"{self.cfg['method']}: no pseudo-label admitted in {self.step} of {self.cfg['steps']} "
-                      f"steps; it is training as a supervised run (check --tau / --confidence, the gate, "
-                      f"label smoothing)")
+    def state_dict(self) -> dict[str, Any]:
+        # No stream or generator state: what a step draws is a function of (seed, step). Nothing
+        # depends on the world size either, so a run resumes at any world size.
+        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "method": self.method.full_state_dict(),
+                "forward_images": self.forward_images(), "init": dict(self.init),
+                **self.evaluator.state_dict(), "config": identity(self.cfg),
+                "health": self.reporter.state_dict(), "log_window": self.window.state_dict(),
+                "split_hash": self.split.hash}
 
-    # -- evaluation ----------------------------------------------------------------------------
-    def _validation(self) -> dict:
-        """Evaluation of the raw and EMA models on the validation split (sharded over ranks)."""
-        val_idx = self.method.data.val
-        return {tag: evaluate(model, self.train_store, val_idx, self.train_y[val_idx], self.views.eval,
-                              self.cfg["eval_batch_size"], self.autocast)
-                for tag, model in (("raw", self.model), ("ema", self.ema.model))}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != identity(self.cfg) or state["split_hash"] != self.split.hash:
+            raise UsageError("the checkpoint was made with a different config or split; "
+                             "resume with the original options or start a new run")
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_full_state_dict(state["method"])
+        self.forward_images_before, self.init = state["forward_images"], dict(state["init"])
+        self.evaluator.load_state_dict(state)
+        self.reporter.load_state_dict(state["health"])
+        if self.world.is_main:  # the partial window belongs to the rank that logs it
+            self.window.load_state_dict(state["log_window"])
 
-    def _method_reads(self, val: dict) -> None:
-        for k, v in (self.method.on_validation(val, self.step) or {}).items():
-            self.log(k, float(v), self.step)
+    def init_from(self, weights: dict[str, Any], keep_head: bool, ema_from_stage: bool = False) -> None:
+        """Start from an earlier stage's weights (`bench.model.weights.transfer`): the encoder always,
+        the MAE decoder where both have one, the classifier head when it carries over, else a
+        fresh head. The EMA (a teacher, for Semi-ViT) starts as a copy of the loaded model, as
+        Semi-ViT's reference builds its teacher, or from the stage's EMA (`ema_from_stage`)."""
+        parts = transfer(weights["model"], self.model, keep_head)
+        broadcast_module(self.model)  # a re-drawn head is rank 0's on every rank
+        self.ema.copy_from(self.model)
+        if ema_from_stage:
+            transfer(weights["ema"], self.ema.model, keep_head)
+        model, ema = self.model.state_dict(), self.ema.model.state_dict()
+        self.init = {"head": "stage's" if keep_head else "re-drawn (std 2e-5)", "loaded": ["encoder", *parts],
+                     "ema": "stage's EMA" if ema_from_stage else "a copy of the loaded model",
+                     "encoder_sha256": digest(model), "head_sha256": digest(model, "head"),
+                     "ema_encoder_sha256": digest(ema), "ema_head_sha256": digest(ema, "head")}
+        if "decoder" in parts:
+            self.init["decoder_sha256"] = digest(model, "decoder")
 
-    def validate(self) -> None:
-        """A validation-only reading for the method (e.g. its gate), between evaluations; it
-        takes no part in checkpoint selection, which needs the test accuracy of its point."""
-        self._check_finite()
-        self._method_reads(self._validation())
-
-    def evaluate(self) -> dict[str, float]:
-        self._check_finite()
-        val = self._validation()
-        test = {tag: evaluate(model, self.test_store, self.test_idx, self.test_y, self.views.eval,
-                              self.cfg["eval_batch_size"], self.autocast)
-                for tag, model in (("raw", self.model), ("ema", self.ema.model))}
-        self._method_reads(val)  # the method sees validation only
-        metrics = {"val_acc": val["raw"].acc, "val_acc_ema": val["ema"].acc,
-                   "test_acc": test["raw"].acc, "test_acc_ema": test["ema"].acc}
-        for k, v in metrics.items():
-            self.log(k, v, self.step)
-        for tag in ("raw", "ema"):
-            if val[tag].acc > self.selection.val_acc:  # selection reads validation only
-                self.selection = Selection(self.step, tag, val[tag].acc, test[tag].acc)
-                model = self.model if tag == "raw" else self.ema.model
-                if self.world.is_main:
-                    checkpoint.save(self.run_dir / "selected.pt", {"step": self.step, "model": tag,
-                                                                   "state_dict": model.state_dict()})
-        self.last_eval = metrics
-        if self.on_validation is not None:
-            self.on_validation(self.step, {k: v for k, v in metrics.items() if k.startswith("val_")})
-        return metrics
-
-    # -- the loop: one schedule of named events ------------------------------------------------
-    def schedule(self) -> Schedule:
-        """What happens after a step, in order: log (and show progress), evaluate (validation and
-        test), a method's extra validation reading (a gate's cadence, where no evaluation falls),
-        checkpoint. The store and the ranks plug into these events, never into the step."""
-        cfg = self.cfg
-        reads = self.method.validation_every()
-        return Schedule(cfg["steps"], [
-            Event("log", (cfg["log_every"], cfg["ckpt_every"]), at_end=True),
-            Event("evaluate", (cfg["eval_every"],) if self.method_cls.classifies else (),
-                  at_end=self.method_cls.classifies),
-            Event("read", (reads,) if reads else (), unless="evaluate"),
-            Event("checkpoint", (cfg["ckpt_every"],), at_end=True)])
-
-    def run(self, progress: bool = True) -> dict[str, Any]:
-        cfg, steps = self.cfg, self.cfg["steps"]
-        progress = progress and self.world.is_main
-        bar = tqdm(total=steps, initial=self.step, desc=cfg["method"], file=sys.stderr, mininterval=2.0,
-                   dynamic_ncols=True, disable=not progress, leave=True)
-        clock = Clock(self.step)
-        postfix: dict[str, str] = {}
-        schedule = self.schedule()
-
-        def log() -> None:
-            elapsed, done = clock.lap(), self.window.count
-            values = self.flush_logs(elapsed)
-            clock.count(elapsed, done * (self.n_labeled + self.n_unlabeled))
-            bar.update(self.step - bar.n)
-            postfix.update(progress_fields(values, self.method.status()))
-            bar.set_postfix(postfix, refresh=False)
-            if self.on_progress is not None:
-                self.on_progress({"step": self.step, "steps": steps, "eta_s": clock.eta(self.step, steps),
-                                  "val_acc": self.last_eval.get("val_acc")})
-            if clock.due_for_flush():  # the store's curves stay current
-                self.flush()
-            if self.world.distributed:  # a Ctrl-C seen by any rank stops every rank here
-                stop = torch.tensor([float(self._stop_requested)])
-                self._stop_requested = float(all_sum(stop)) > 0
-            clock.lap()
-
-        def evaluate() -> None:
-            postfix["val"] = f"{self.evaluate()['val_acc']:.1f}"
-            postfix.update(self.method.status())
-            bar.set_postfix(postfix, refresh=False)
-            clock.lap()  # evaluation time is not training throughput
-
-        def read() -> None:
-            self.validate()
-            postfix.update(self.method.status())
-            bar.set_postfix(postfix, refresh=False)
-            clock.lap()
-
-        def save() -> None:
-            self.save_checkpoint()
-            clock.lap()
-
-        actions = {"log": log, "evaluate": evaluate, "read": read, "checkpoint": save}
-        with _stop_on_sigint(self), bar:
-            while self.step < steps:
-                if self._stop_requested and (not self.world.distributed or self.step % cfg["log_every"] == 0):
-                    self.save_checkpoint()
-                    raise KeyboardInterrupt
-                self.train_step()
-                for event in schedule.due(self.step):
-                    actions[event]()
-        return self.result(clock.images_per_s())
+    def save_checkpoint(self) -> None:
+        """Every rank takes part (the state's counts are reduced); rank 0 alone writes."""
+        self.check_finite()
+        state = self.state_dict()
+        if self.world.is_main:
+            self.sink.flush()  # metrics first: a kill between the two leaves no gap after resume
+            checkpoint.save(self.ckpt_path, state)
+        barrier()  # no rank runs ahead of a checkpoint another rank may resume from
 
     def result(self, img_per_s: float) -> dict[str, Any]:
-        s, last = self.selection, self.last_eval
+        s, last = self.evaluator.selection, self.evaluator.last
         if not self.method_cls.classifies:
             return {"steps": self.step, "img_per_s": img_per_s, "split_hash": self.split.hash,
                     "budget": self.budget()}
@@ -407,42 +293,3 @@ class Trainer:
                 "test_acc_selected": s.test_acc, "selected_step": s.step, "selected_model": s.model,
                 "selected_val_acc": s.val_acc, "steps": self.step, "img_per_s": img_per_s,
                 "split_hash": self.split.hash}
-
-
-def progress_fields(values: dict[str, float], status: dict[str, str]) -> dict[str, str]:
-    """The progress bar's view of a log window: loss, throughput, pseudo-label health."""
-    fields = {"loss": f"{values['loss']:.3f}", "img_s": f"{values['img_per_s']:.0f}"}
-    if "pl_rate" in values:
-        fields["pl"] = f"{100 * values['pl_rate']:.0f}%"
-    if "pl_precision" in values:
-        fields["prec"] = f"{100 * values['pl_precision']:.0f}%"
-    return {**fields, **status}
-
-
-@contextlib.contextmanager
-def _stop_on_sigint(trainer: Trainer):
-    """Ctrl-C asks the loop to stop at the next step boundary, where the state is consistent."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    seen: set[int] = set()
-
-    def handler(signum, frame):
-        # a second Ctrl-C stops at once; a SIGTERM and the SIGINT a study worker passes on after
-        # it (both arrive when SLURM preempts a job) are one request
-        if signum in seen:
-            raise KeyboardInterrupt
-        seen.add(signum)
-        trainer._stop_requested = True
-
-    previous = signal.signal(signal.SIGINT, handler)
-    # A single process stops on SIGTERM (a preempted job, `kill`) as on Ctrl-C, checkpoint first;
-    # across ranks a SIGTERM means another rank failed (bench.distributed.faults).
-    previous_term = None if trainer.world.distributed else signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
