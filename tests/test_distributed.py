@@ -63,9 +63,11 @@ def test_two_ranks_train_the_run_one_rank_trains(pairs, method):
     worst = max((one["model"][k].float() - two["model"][k].float()).abs().max().item() for k in one["model"])
     assert worst < WEIGHT_ATOL, f"{method}: weights differ by {worst}"
     m1, m2 = load_json(dir1 / "metrics.json"), load_json(dir2 / "metrics.json")
-    for name in ("train.loss", "train.pl_rate", "train.pl_precision", "gate.hc_acc", "memory.size"):
-        if name in m1:
-            assert m1[name]["steps"] == m2[name]["steps"], name
+    expected = ["train.loss"] + (["train.pl_rate", "train.pl_precision"] if method != "supervised" else []) + (
+        ["gate.hc_acc", "memory.size"] if method == "ssmae" else [])
+    for name in expected:
+        assert name in m1 and name in m2, (method, name)
+        assert m1[name]["steps"] == m2[name]["steps"], name
             assert m2[name]["values"] == pytest.approx(m1[name]["values"], rel=LOSS_RTOL, abs=1e-6), (method, name)
     if method in ("fixmatch", "flexmatch", "freematch", "ssmae", "semi_vit"):
         assert max(m1["train.pl_rate"]["values"]) > 0, "pseudo-labels must be admitted for the check to mean much"

@@ -42,7 +42,14 @@ def test_gate_is_read_on_its_own_cadence_and_test_only_at_evaluations(tiny_data,
     assert steps_of(logged, "gate.open") == [5, 10, 15, 20, 25, 30, 35, 40]
     assert steps_of(logged, "gate.hc_count") == steps_of(logged, "gate.open")
     assert steps_of(logged, "test_acc") == steps_of(logged, "val_acc") == [20, 40]
-    assert t.evaluator.selection.step in (20, 40)  # selection needs a test accuracy at its point
+    # selection: the evaluation point (and model) with the best validation accuracy, its test accuracy kept
+    points = [(v, s, tag) for tag, key in (("raw", "val_acc"), ("ema", "val_acc_ema"))
+              for (k, v, s) in logged if k == key]
+    best_val, best_step, best_tag = max(points, key=lambda p: (p[0], -p[1], p[2] == "raw"))
+    s = t.evaluator.selection
+    assert (s.val_acc, s.step, s.model) == (best_val, best_step, best_tag)
+    test_key = "test_acc" if best_tag == "raw" else "test_acc_ema"
+    assert s.test_acc == next(v for k, v, st in logged if k == test_key and st == best_step)
 
 
 def test_a_silent_run_warns_on_stderr_and_in_its_record(tmp_path):

@@ -1,6 +1,7 @@
 """Studies on a real one-node SLURM (`.ci/slurm-up` starts munge, slurmctld and slurmd): the
 workers run as SLURM jobs through submitit, and a preempted job is requeued and resumes its
 cell from the run's checkpoint."""
+import importlib.util
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ def slurm_up() -> bool:
 
 
 pytestmark = [pytest.mark.skipif(not REQUIRED and not slurm_up(), reason="no SLURM cluster here"),
-              pytest.mark.skipif(not REQUIRED and pytest.importorskip("submitit") is None, reason="no submitit")]
+              pytest.mark.skipif(not REQUIRED and importlib.util.find_spec("submitit") is None, reason="no submitit")]
 FAST = ["--preset", "smoke", "--no-progress", "--set", "eval_every=10", "--set", "log_every=5"]
 
 

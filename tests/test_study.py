@@ -80,9 +80,7 @@ def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     assert len(runs) == 8 and len(completed_runs(results)) == 8
     ts = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
     assert sorted(completed_per_cell(ts).values()) == [1] * 8
-    # two workers may collide on a cell: the later claim is withdrawn, failed and carries nothing
-    withdrawn = [t for t in ts if t.user_attrs.get("withdrawn")]
-    assert all(t.state == TrialState.FAIL and not t.params and "run_id" not in t.user_attrs for t in withdrawn)
+    # (two workers colliding on a cell: test_claims)
     for t in (t for t in ts if not t.user_attrs.get("withdrawn")):  # trial and run are cross-linked both ways
         info = load_json(results / "runs" / t.user_attrs["run_id"] / "info.json")
         assert info["optuna"]["trial"] == t.number and info["optuna"]["cell"] == t.user_attrs["cell"]
@@ -333,11 +331,8 @@ def _concurrent(tmp_path, storage, workers=3, kill_one=False):
         assert p.returncode == 0, p.stderr.read()[-3000:]
     ts = trials(storage or results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
     assert sorted(completed_per_cell(ts).values()) == [1] * 4   # every cell exactly once
-    for t in ts:  # a withdrawn or lost claim never looks like a result on a dashboard
-        if t.state != TrialState.COMPLETE:
-            assert t.state == TrialState.FAIL and t.value is None
-        if t.user_attrs.get("withdrawn"):
-            assert t.params == {} and "withdrawn" in t.user_attrs["reason"]
+    # a withdrawn or lost claim never looks like a result on a dashboard (test_claims shows both)
+    assert all(t.value is None for t in ts if t.state != TrialState.COMPLETE)
     return ts, results
 
 
@@ -390,7 +385,7 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     preset = results / "tuned" / "fixmatch-synthetic.yaml"
     import yaml
     values = yaml.safe_load(preset.read_text())
-    assert 0.001 <= values["lr"] <= 0.004 and values["steps"] == 20 and values["depth"] == 2
+    assert values["steps"] == 20 and values["depth"] == 2
     run = bench(["run", "fixmatch", "--preset", str(preset), "--results-dir", str(tmp_path / "r2"),
                  "--no-progress"], tmp_path / "cache")
     assert run.returncode == 0, run.stderr[-2000:]
@@ -401,12 +396,19 @@ def test_tune_saves_a_preset_that_run_accepts(tmp_path):
     assert yaml.safe_load((folder / "best.yaml").read_text()) == values
     frame = pd.read_csv(folder / "trials.csv")
     assert len(frame) == 3 and set(frame["state"]) <= {"COMPLETE", "PRUNED"}
-    assert frame["params_lr"].between(0.001, 0.004).all()
-    # each completed trial shows how much it admitted, and a best trial that admits almost nothing
-    # (a supervised run in disguise) is flagged
+    # the median pruner waits for 3 trials before it prunes: the first ones complete
     done = frame[frame["state"] == "COMPLETE"]
-    assert done["user_attrs_pl_rate"].between(0, 1).all(), frame.filter(like="user_attrs")
-    best_rate = done.loc[done["value"].idxmax(), "user_attrs_pl_rate"]
+    assert len(done) >= 1
+    from bench.study.report import pseudo_label_health
+    for _, t in done.iterrows():  # each trial's draw is the run's config; its admission, the run's curve's
+        run = results / "runs" / str(int(t["user_attrs_run_id"]))
+        assert load_json(run / "config.json")["lr"] == pytest.approx(t["params_lr"])
+        health = pseudo_label_health(load_json(run / "metrics.json"), load_json(run / "run.json")["result"]["steps"])
+        assert t["user_attrs_pl_rate"] == pytest.approx(health["pl_rate"])
+    best = done.loc[done["value"].idxmax()]
+    assert values["lr"] == pytest.approx(best["params_lr"])      # the preset written is the best trial's
+    # a best trial that admits almost nothing (a supervised run in disguise) is flagged
+    best_rate = best["user_attrs_pl_rate"]
     assert ("warning: the best trial admitted" in out.stdout) == (best_rate < 0.01), (best_rate, out.stdout)
     never = tmp_path / "never.yaml"  # a tau no 20-step model reaches: the flagged case, every time
     never.write_text("tau: {choices: [0.999]}\n")

@@ -153,7 +153,9 @@ def test_the_oracle_is_never_a_default_and_bench_tune_refuses_it(tmp_path, capsy
         for preset in [None, *preset_names()]:
             cli = {"data": "/data"} if preset and "imagenet" in preset else {}
             assert resolve(get_method(method), preset=preset, cli=cli)["pl_mode"] == "on", (method, preset)
-    for name in study_names():
+    names = study_names()
+    assert {"benchmark", "positive_control"} <= set(names)
+    for name in names:
         spec = load_study(name)
         oracle = [c for c in spec.cells() if c.variant == "oracle"]
         assert not oracle or "oracle" in spec.references      # only where a study asks for the reference

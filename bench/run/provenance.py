@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("ssvit-bench", "torch", "timm", "optuna", "sacred", "numpy")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def versions() -> dict[str, str]:

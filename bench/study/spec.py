@@ -19,7 +19,7 @@ from bench.config import resolve, shipped_or_file
 from bench.errors import UsageError
 from bench.method.base import get_method
 
-STUDY_DIR = Path(__file__).resolve().parents[1] / "studies"
+STUDY_DIR = Path(__file__).resolve().parents[2] / "studies"
 KEYS = {"description", "methods", "fixed", "axes", "variants", "seeds", "metric", "figure", "datasets",
         "preset", "reference", "budget", "compare_to", "references", "primary"}
 
