@@ -68,7 +68,7 @@ def test_two_ranks_train_the_run_one_rank_trains(pairs, method):
     for name in expected:
         assert name in m1 and name in m2, (method, name)
         assert m1[name]["steps"] == m2[name]["steps"], name
-            assert m2[name]["values"] == pytest.approx(m1[name]["values"], rel=LOSS_RTOL, abs=1e-6), (method, name)
+        assert m2[name]["values"] == pytest.approx(m1[name]["values"], rel=LOSS_RTOL, abs=1e-6), (method, name)
     if method in ("fixmatch", "flexmatch", "freematch", "ssmae", "semi_vit"):
         assert max(m1["train.pl_rate"]["values"]) > 0, "pseudo-labels must be admitted for the check to mean much"
     if method in ("flexmatch", "freematch"):  # one policy state, reduced over the global batch
