@@ -62,6 +62,7 @@ def cmd_run(argv: Sequence[str]) -> int:
                         "GPU each, or K CPU processes), started as torchrun would; the batch stays global "
                         "(default 1)")
     add_set_argument(parser)
+    add_plugin_argument(parser)
     parser.add_argument("--study-layer", default=None, help=argparse.SUPPRESS)  # set by `bench study`
     shown, sources = {}, {}
     try:  # the help shows the values of the preset named on the command line
@@ -72,6 +73,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     args = vars(parser.parse_args(argv[1:]))
     preset, resume, print_config = args.pop("preset"), args.pop("resume"), args.pop("print_config")
     nproc = args.pop("nproc")
+    args.pop("plugin")  # loaded before the parse (main), so the method could be named
     study = parse_json(args.pop("study_layer"))
     sources = {}
     cfg = resolve(method_cls, preset=preset, study=study, cli={**parse_sets(args.pop("set")), **args},
@@ -122,6 +124,15 @@ def launch_ranks(cfg: dict[str, Any], resume: str | None, nproc: int, argv: Sequ
         if link.run_id_file is None:  # the launcher names the run in its messages
             link = dataclasses.replace(link, run_id_file=Path(tmp) / "run_id")
         return launch(nproc, strip_flag(list(argv), "--nproc"), link.to_env(), link.run_id_file)
+
+
+PLUGIN_COMMANDS = ("run", "study", "tune", "report")
+
+
+def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="PATH_OR_MODULE",
+                        help="a .py file or importable module registering methods of your own with "
+                        "@register(\"name\") (repeatable); a study hands it on to every cell")
 
 
 def _peek(argv: Sequence[str], flag: str) -> str | None:
@@ -216,7 +227,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                         "<dataset>-<preset>/ (e.g. results/published) instead of "
                         "<results-dir>/reports/<study>/<dataset>-<preset>/")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help="only these of the study's methods (a sub-grid; its cells are the study's own)")
+                        help="only these methods: the study's (a sub-grid; its cells are the study's own) or any "
+                        "other registered method, a plugin's included (its cells join the study's)")
+    add_plugin_argument(parser)
     parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                         help="only these of the study's variants (a sub-grid, as --methods)")
     parser.add_argument("--values", action="append", default=[], metavar="AXIS=V1,V2",
@@ -262,6 +275,7 @@ def cmd_tune(argv: Sequence[str]) -> int:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show each trial's progress bar")
     add_set_argument(parser)
+    add_plugin_argument(parser)
     args = parser.parse_args(argv)
     from bench.study.tune import tune
     return tune(args, parse_sets(args.set))
@@ -341,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from bench.distributed import world
     try:
+        if argv[0] in PLUGIN_COMMANDS:  # before any parse: a plugin's methods are names the parse accepts
+            from bench.method.plugins import load_plugin, plugin_args
+            for spec in plugin_args(argv[1:]):
+                load_plugin(spec)
         return COMMANDS[argv[0]][0](argv[1:])
     except UsageError as e:
         if world().is_main:  # every rank meets the same bad input; one says so

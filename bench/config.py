@@ -229,6 +229,10 @@ def resolve(method_cls, preset: str | None = None, study: dict | None = None,
             where[key] += f" (overrides {method_cls.name}'s recipe: {own})"
     cfg["method"] = method_cls.name
     cfg["preset"] = preset_name
+    if method_cls.plugin is not None:  # a user's method: its source is part of what the run computes
+        cfg["plugin_sha256"] = method_cls.plugin["sha256"]
+    if cfg.get("split_file") and where["label_fraction"] == "default":
+        cfg["label_fraction"] = None  # the file sets the budget: its share, filled once the data is read
     _check_consistency(cfg)
     if sources is not None:
         sources.update(where)
@@ -303,6 +307,8 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
     from bench.method.stage import stages_of
     full = {**defaults(method_cls), **cfg}
     unused = set(stage_options_of(method_cls)) - set(stage_options_of(method_cls, stages_of(full, method_cls)))
+    if full.get("split_file"):
+        unused.add("label_fraction")  # the file's share, derived from it
     return {k: v for k, v in full.items() if k not in IDENTITY_EXCLUDED and k not in unused}
 
 

@@ -66,10 +66,12 @@ def curves(run_dir: Path, skip=("train.img_per_s",)) -> dict:
     return {k: (v["steps"], v["values"]) for k, v in metrics.items() if k not in skip and not k.endswith("img_per_s")}
 
 
-def run_cli(args, tmp_path, capsys, monkeypatch):
-    """The real CLI entry point in this process: (exit code, non-empty stderr lines, stderr)."""
+def run_cli(args, tmp_path, capsys, monkeypatch, cache=True):
+    """The real CLI entry point in this process: (exit code, non-empty stderr lines, stderr); with
+    `cache`, $SSVIT_CACHE is a fresh folder under tmp_path."""
     from bench.cli import main
-    monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
+    if cache:
+        monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     code = main(args)
     err = capsys.readouterr().err

@@ -159,3 +159,21 @@ def test_unknown_names_and_bad_command_flags(tmp_path, capsys, monkeypatch, args
     results = tmp_path / "results"
     code, lines, err = run_cli([*args, "--results-dir", str(results)], tmp_path, capsys, monkeypatch)
     assert_rejected(code, lines, err, words, results)
+
+
+@pytest.mark.parametrize("command", [["study", "mask_ratio"], ["tune", "supervised"], ["run", "supervised"]])
+def test_hints_name_only_options_the_command_has(tmp_path, capsys, monkeypatch, command):
+    """An unwritable cache, set as each command sets it: the fix the error names must work there."""
+    import re
+    from bench.cli import main
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "a_file" / "cache"))
+    results = tmp_path / "results"
+    code, lines, err = run_cli([*command, "--dataset", "synthetic", "--preset", "smoke", "--results-dir",
+                                str(results)], tmp_path, capsys, monkeypatch, cache=False)
+    assert_rejected(code, lines, err, "cache directory", results)
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    known = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
+    named = set(re.findall(r"(--[a-z][a-z-]*)", lines[0]))
+    assert named and named <= known, (named - known, lines[0])

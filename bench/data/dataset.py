@@ -21,6 +21,8 @@ class Dataset:
     test_y: np.ndarray
     source_hash: str      # content hash of the source: keys caches, splits and stage reuse
     train_files: list[str] | None = None  # training images' names in ImageFolder order (split files)
+    # a given archive under an official name: its md5 beside the official one (recorded, never refused)
+    checksum: dict | None = None
 
     @property
     def num_classes(self) -> int:

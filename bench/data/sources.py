@@ -53,13 +53,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SSVIT_CACHE") or Path.home() / ".cache" / "ssvit-bench")
 
 
-def prepare_cache_dir(cache_dir: str | Path | None) -> Path:
-    """The cache directory (given, else the default), created and checked writable."""
+def prepare_cache_dir(cache_dir: str | Path | None, option: str = "--cache-dir PATH") -> Path:
+    """The cache directory (given, else the default), created and checked writable. `option` is
+    how the calling command sets it, named in the error."""
     path = Path(cache_dir) if cache_dir else default_cache_dir()
     try:
         ensure_writable_dir(path)
     except OSError as e:
-        raise UsageError(f"cache directory {path} is not writable ({e.strerror}); pass --cache-dir "
+        raise UsageError(f"cache directory {path} is not writable ({e.strerror}); pass {option} "
                          f"or set $SSVIT_CACHE to a writable place") from None
     return path
 
@@ -96,10 +97,11 @@ def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,
         raise UsageError(f"--data {data}: not a readable tar archive (corrupt or truncated?); "
                          f"download it again or give the extracted folder")
     source_hash = content_hash(path, cache_dir)
+    checksum = official_checksum(name, path, cache_dir)
     cached = cache_dir / "arrays" / f"{name}-{source_hash[:16]}.npz"
     if cached.is_file():
         try:
-            return _read_cache(cached, name, source_hash)
+            return _read_cache(cached, name, source_hash, checksum)
         except (OSError, ValueError, KeyError, EOFError):
             pass  # an unreadable cache is rebuilt below
     if name in CIFAR and _is_cifar_source(path, CIFAR[name]):
@@ -108,7 +110,7 @@ def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,
         fixed = list(CIFAR10_CLASSES) if name == "cifar10" else None
         arrays = _decode_image_folder(path, name, fixed, 100 if name == "cifar100" else None, progress)
     _write_cache(cached, arrays)
-    return Dataset(name=name, source_hash=source_hash, **arrays)
+    return Dataset(name=name, source_hash=source_hash, checksum=checksum, **arrays)
 
 
 def load_for(cfg: dict[str, Any], cache_dir: str | Path, progress: bool = True) -> Dataset:
@@ -155,16 +157,26 @@ def fetch(url: str, dest: Path, md5: str, progress: bool = True, hint: str = "")
     atomic_write(dest, write)
 
 
-def content_hash(path: Path, cache_dir: Path) -> str:
-    """sha256 of a file's bytes or of a folder's (relative path, bytes) pairs. Memoised by
+def official_checksum(name: str, path: Path, cache_dir: Path) -> dict | None:
+    """A given file named as `name`'s official archive: its md5 against the official one. A
+    mismatch is a fact for the record (a rebuilt or trimmed archive), not an error."""
+    spec = CIFAR.get(name)
+    if spec is None or not path.is_file() or path.name != spec.filename:
+        return None
+    md5 = content_hash(path, cache_dir, "md5")
+    return {"file": spec.filename, "md5": md5, "official_md5": spec.md5, "official": md5 == spec.md5}
+
+
+def content_hash(path: Path, cache_dir: Path, algorithm: str = "sha256") -> str:
+    """The digest of a file's bytes or of a folder's (relative path, bytes) pairs. Memoised by
     (path, size, mtime) so an unchanged source is not re-read."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     signature = json.dumps([str(path.resolve())] + [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                                                    for p in files])
+                                                    for p in files] + ([algorithm] if algorithm != "sha256" else []))
     memo = cache_dir / "hashes" / hashlib.sha256(signature.encode()).hexdigest()
     if memo.is_file():
         return memo.read_text().strip()
-    h = hashlib.sha256()
+    h = hashlib.new(algorithm)
     for p in files:
         h.update(str(p.relative_to(path)).encode() if p != path else b"")
         with open(p, "rb") as f:
@@ -385,9 +397,9 @@ def _write_cache(path: Path, arrays: dict[str, Any]) -> None:
         print(f"warning: cannot write the dataset cache {path}: {e}")
 
 
-def _read_cache(path: Path, name: str, source_hash: str) -> Dataset:
+def _read_cache(path: Path, name: str, source_hash: str, checksum: dict | None = None) -> Dataset:
     with np.load(path) as z:
         if str(z["version"]) != CACHE_VERSION:
             raise ValueError("stale cache")
         return Dataset(name, [str(c) for c in z["classes"]], z["train_x"], z["train_y"], z["test_x"],
-                       z["test_y"], source_hash)
+                       z["test_y"], source_hash, checksum=checksum)

@@ -122,16 +122,18 @@ def _simclr_indices(lines: list[str], where: str, train_files: list[str] | None,
     return np.array(out, dtype=np.int64)
 
 
-def check_budget(info: dict, n_train: int, label_fraction: float, labels_per_class: int | None) -> None:
-    """A split file sets the labeled budget; the config's budget options must agree with it, since
-    every report labels the row by them (a 1 % file under `--label-fraction 0.1` would be
-    published as a 10 % row)."""
+def check_budget(info: dict, n_train: int, label_fraction: float | None, labels_per_class: int | None) -> float:
+    """A split file sets the labeled budget: its share of the training images (rounded to four
+    significant digits), returned. A label fraction set explicitly (None: not set) must agree with
+    it, since every report labels the row by it (a 1 % file under `--label-fraction 0.1` would
+    be published as a 10 % row)."""
     where = f"--split-file {info['file']}"
     if labels_per_class is not None:
         raise UsageError(f"{where} and --labels-per-class {labels_per_class} both set the labeled budget; "
                          f"drop --labels-per-class")
-    share = info["images"] / n_train
-    if abs(share / label_fraction - 1) > 0.25:
+    share = float(f"{info['images'] / n_train:.4g}")
+    if label_fraction is not None and abs(share / label_fraction - 1) > 0.25:
         raise UsageError(f"{where} names {info['images']:,} images, {100 * share:.3g} % of the {n_train:,} training "
                          f"images, but --label-fraction is {label_fraction:g}; set --label-fraction {share:.2g} "
                          f"or give the file of that budget")
+    return share

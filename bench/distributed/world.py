@@ -70,15 +70,47 @@ def from_env(env: dict[str, str] | None = None) -> tuple[World, dict[str, str]] 
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list such as 'gpu[03-05,07],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    """The first host of a SLURM node list such as 'rack[1-2]-node[01-04],cpu1' -> 'rack1-node01'."""
+    hosts = expand_hostlist(nodelist)
+    return hosts[0] if hosts else ""
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a SLURM node list, in SLURM's order ('a[1-2]-b[01-02]' -> a1-b01, a1-b02, a2-b01,
+    a2-b02), as `scontrol show hostnames` prints them; zero padding is kept."""
+    hosts: list[str] = []
+    for name in _top_level_split(nodelist.strip()):
+        hosts.extend(_expand_one(name))
+    return hosts
+
+
+def _top_level_split(nodelist: str) -> list[str]:
+    """Split on the commas outside brackets: 'gpu[1,3],cpu1' -> ['gpu[1,3]', 'cpu1']."""
+    parts, depth, current = [], 0, ""
+    for ch in nodelist:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p for p in (p.strip() for p in parts) if p]
+
+
+def _expand_one(name: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", name)
     if not m:
-        return ""
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+        return [name]
+    head, tail = name[:m.start()], name[m.end():]
+    values = []
+    for item in m.group(1).split(","):
+        lo, _, hi = item.partition("-")
+        if hi:
+            values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+        else:
+            values.append(lo)
+    return [head + v + rest for v in values for rest in _expand_one(tail)]
 
 
 def check_devices(world_size_per_node: int, device: str, visible_gpus: int) -> None:

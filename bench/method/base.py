@@ -31,15 +31,30 @@ REGISTRY: dict[str, type["Method"]] = {}
 def register(name: str):
     """Class decorator: make a Method available as `bench run <name>`."""
     def wrap(cls: type[Method]) -> type[Method]:
-        assert name not in REGISTRY, f"method {name} registered twice"
+        if not isinstance(name, str) or not name.isidentifier():
+            raise UsageError(f"@register({name!r}): a method's name is a Python identifier, e.g. "
+                             f"@register(\"mean_teacher\")")
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise UsageError(f"method '{name}' is already registered ({REGISTRY[name].__module__}); "
+                             f"register yours under another name")
         cls.name = name
         REGISTRY[name] = cls
         return cls
     return wrap
 
 
+_ENTRY_POINTS_LOADED = False
+
+
 def method_names() -> list[str]:
-    importlib.import_module("methods")  # importing the package registers every method
+    """Every registered method: the shipped ones (importing `methods` registers them), installed
+    packages' (entry points, bench.method.plugins) and those of `--plugin` files already loaded."""
+    global _ENTRY_POINTS_LOADED
+    importlib.import_module("methods")
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        from bench.method.plugins import load_entry_points
+        load_entry_points()
     return sorted(REGISTRY)
 
 
@@ -86,6 +101,7 @@ class Method:
     strict_threshold: ClassVar[bool] = False  # admit above the threshold only (SSMAE), not at it
     stages: ClassVar[tuple] = ()             # earlier stages (bench.method.stage.Stage), trained first
     own_training: ClassVar[bool] = True      # False: the run's training is its last stage (cached, shared)
+    plugin: ClassVar[dict | None] = None     # where a user's method came from (bench.method.plugins)
 
     def __init__(self, cfg: dict[str, Any], model, ema, views, num_classes: int, data: TrainData,
                  autocast=contextlib.nullcontext, pl_mode: PseudoLabelMode | None = None):

@@ -69,6 +69,11 @@ def open_record(p: Prepared, record: RunHandle | None, link: StudyLink, log) -> 
         record.set_info("optuna", link.trial)
     record.set_info("split_hash", p.split.hash)
     record.set_info("dataset_hash", p.data.source_hash)
+    if p.data.checksum is not None:
+        record.set_info("dataset_checksum", p.data.checksum)
+        if not p.data.checksum["official"]:
+            log(f"note: --data {cfg['data']} is named {p.data.checksum['file']} but its md5 "
+                f"{p.data.checksum['md5']} is not the official {p.data.checksum['official_md5']}; recorded")
     record.set_info("checkpoint", str((record.dir / "checkpoint.pt").resolve()))
     record.set_info("runtime", p.runtime)
     w = world()
@@ -79,6 +84,8 @@ def open_record(p: Prepared, record: RunHandle | None, link: StudyLink, log) -> 
     if p.init is not None:
         record.set_info("init_from", p.init[1])
     record.set_info("start", start_of(p))
+    if p.method_cls.plugin is not None:
+        record.set_info("plugin", p.method_cls.plugin)
     if cfg.get("pl_mode") == "oracle":
         record.set_info("oracle", "a diagnostic: its pseudo-labels are the true labels under its own admission mask")
 

@@ -82,6 +82,8 @@ def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_ha
     from bench.config import IDENTITY_EXCLUDED
     # a split file counts by its content (its sha256 is in the split's hash), not by its path
     ignored = IDENTITY_EXCLUDED | MECHANICS_KEYS | {"preset", "split_file"}
+    if scfg.get("split_file"):
+        ignored |= {"label_fraction"}  # the file's share, derived from it
     if not method_cls.uses_labeled:
         ignored |= SPLIT_KEYS  # a label-free stage sees every training image, whatever the split
         split_hash = ""

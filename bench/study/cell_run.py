@@ -30,6 +30,7 @@ class CellRun:
     cli: dict[str, Any]          # the study's --set overrides
     gpus_per_trial: int
     cpu_share: int               # processes sharing this machine's cores (workers x ranks)
+    plugins: tuple[str, ...] = ()  # --plugin files and modules, handed on to every cell
 
     def command(self, method: str, layer: dict[str, Any], resume: str | None) -> list[str]:
         cmd = [sys.executable, "-m", "bench.cli", "run", method, "--study-layer", json.dumps(layer),
@@ -42,6 +43,9 @@ class CellRun:
             cmd += ["--data", self.data]
         for k, v in self.cli.items():  # JSON is YAML: every value reaches the run as it was typed
             cmd += ["--set", f"{k}={json.dumps(v)}"]
+        for plugin in self.plugins:  # a file by its absolute path: the cell may start elsewhere
+            path = Path(plugin).expanduser()
+            cmd += ["--plugin", str(path.resolve()) if path.is_file() else plugin]
         if resume:
             cmd += ["--resume", resume]
         return cmd

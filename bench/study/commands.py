@@ -53,7 +53,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         cells = specs[dataset].cells(args.seeds)
         cfgs = [specs[dataset].config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
         cfg = cfgs[0]
-        cache = prepare_cache_dir(cfg["cache_dir"])
+        cache = prepare_cache_dir(cfg["cache_dir"], option="--set cache_dir=PATH")
         data = load_for(cfg, cache, progress=args.progress)
         for cell, cell_cfg in zip(cells, cfgs):  # a cell that cannot work stops the study before it starts
             try:
@@ -78,7 +78,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         cells = spec.cells(args.seeds)
         sweep = Sweep(spec, dataset, preset, cells, storage, results_dir, cli=overrides, data=args.data,
                       workers=args.workers, heartbeat=args.heartbeat, progress=args.progress,
-                      gpus_per_trial=args.gpus_per_trial)
+                      gpus_per_trial=args.gpus_per_trial, plugins=tuple(args.plugin))
         # the seeds a full report lists: a cut to some seeds never shrinks what earlier runs hold
         sweep.study.set_user_attr("seeds", max(sweep.study.user_attrs.get("seeds", 0),
                                                max(c.seed for c in cells) + 1))

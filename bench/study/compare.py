@@ -4,7 +4,8 @@ Two seeds cannot carry a claim about a gap of a point: every report gives each g
 difference to the study's reference (a method, e.g. supervised; a variant, e.g. `full`; or one
 value of an axis, e.g. the default mask ratio) on the study's metric, paired by seed, with a 95 %
 Student-t interval over the paired differences (mean +- t(0.975, n - 1) * sd / sqrt(n)), whether
-it excludes zero, and how many seeds the observed spread needs for an interval that would.
+it excludes zero, and how many seeds a paired t-test needs to detect a difference of the observed
+size and spread with 80 % power.
 
 Where a study adds each semi-supervised method's control, every such method is also compared
 with its own control (reference `control`): what its pseudo-label term adds, the start and the
@@ -53,17 +54,27 @@ def interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, flo
     return mean, mean - half, mean + half
 
 
-def seeds_needed(mean: float, sd: float, level: float = 0.95) -> int | None:
-    """The fewest seeds whose t-interval, at the observed mean and spread of the paired
-    differences, excludes zero; None beyond MAX_SEEDS (or for no difference at all)."""
+def seeds_needed(mean: float, sd: float, level: float = 0.95, power: float = 0.8) -> int | None:
+    """The fewest seeds at which a paired t-test at `level` detects a true difference of `mean`
+    with paired spread `sd` with probability `power` (80 %: the usual planning figure; the count
+    at which the interval only just excludes zero has about 50 %); None beyond MAX_SEEDS or for
+    no difference at all."""
     if mean == 0 or math.isnan(mean):
         return None
     if sd == 0 or math.isnan(sd):
         return 2
     for n in range(2, MAX_SEEDS + 1):
-        if stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < abs(mean):
+        if paired_power(abs(mean) / sd, n, level) >= power:
             return n
     return None
+
+
+def paired_power(effect: float, n: int, level: float = 0.95) -> float:
+    """Power of a two-sided paired t-test with n pairs at standardised effect mean/sd: the
+    noncentral t's mass beyond the critical values."""
+    crit = stats.t.ppf(0.5 + level / 2, n - 1)
+    shift = effect * math.sqrt(n)
+    return float(stats.nct.sf(crit, n - 1, shift) + stats.nct.cdf(-crit, n - 1, shift))
 
 
 def differences(runs: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
@@ -187,6 +198,6 @@ def markdown(diffs: pd.DataFrame) -> str:
                          f"{need} |")
         lines.append("")
     lines += ["p: paired t-test; p (Holm): adjusted within the rows of one reference (the primary comparison, "
-              "declared before running, is tested alone). Seeds needed: the fewest seeds whose interval, at this "
-              "difference and spread, would exclude zero."]
+              "declared before running, is tested alone). Seeds needed: the fewest seeds at which a paired t-test "
+              "detects this difference at this spread with 80 % power."]
     return "\n".join(lines) + "\n"

@@ -228,7 +228,8 @@ def latex(table: pd.DataFrame, caption: str) -> str:
     esc = lambda s: str(s).replace("_", r"\_").replace("±", r"$\pm$").replace("—", "--").replace("%", r"\%")
     cols = [esc(c) for c in table.columns]
     body = [" & ".join([esc(label)] + [esc(v) for v in row.values]) + r" \\" for label, row in table.iterrows()]
-    return "\n".join([r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}",
+    return "\n".join([r"% needs \usepackage{booktabs} (\toprule, \midrule, \bottomrule) in the preamble",
+                      r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}",
                       r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule",
                       " & ".join([""] + cols) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
                       r"\end{table}"]) + "\n"

@@ -139,13 +139,15 @@ class StudySpec:
 
     def cut(self, methods: list[str] | None = None, values: dict[str, list] | None = None,
             variants: list[str] | None = None) -> "StudySpec":
-        """The same study on a sub-grid: some of its methods, and for some axes other values
-        (outside the study's own list too: each becomes a cell of that axis). Cells keep their
+        """The same study on a sub-grid: some of its methods (or methods it lacks: each adds its
+        cells), and for some axes other values (outside the study's own list too: each becomes a
+        cell of that axis). Cells keep their
         keys, so a later full run reuses the cells a cut ran."""
+        added = []
         for m in methods or []:
             if m not in self.methods:
-                raise UsageError(f"--methods {m}: not a method of study {self.name} ({', '.join(self.methods)}); "
-                                 f"pick among those")
+                get_method(m)  # any registered method (a plugin's too) joins the study; unknown is refused
+                added.append(m)
         axes = {k: dict(v) for k, v in self.axes.items()}
         values = dict(values or {})
         seed_values = self.seed_values
@@ -168,7 +170,8 @@ class StudySpec:
                                  f"the cells without one); pick among those")
         kept = {k: o for k, o in self.variants.items() if k in variants} if variants else dict(self.variants)
         refs = {k: ms for k, ms in self.references.items() if k in variants} if variants else dict(self.references)
-        cut = replace(self, methods=[m for m in self.methods if m in methods] if methods else list(self.methods),
+        kept_methods = [m for m in self.methods if m in methods] + added if methods else list(self.methods)
+        cut = replace(self, methods=kept_methods,
                       axes=axes, variants=kept, seed_values=seed_values, references=refs)
         if variants and "main" not in variants and not self.variants:
             cut.skip_main = True  # only the references' cells

@@ -49,6 +49,7 @@ class Sweep:
     heartbeat: float = 30.0
     progress: bool = True
     log: Any = print
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.grace = claims.HEARTBEATS_OF_GRACE * self.heartbeat
@@ -59,7 +60,7 @@ class Sweep:
         self.study.set_user_attr("spec", str(self.spec.path))
         self.study.set_user_attr("results_dir", str(self.results_dir.resolve()))
         self.runner = CellRun(self.results_dir, self.preset, self.data, self.cli, self.gpus_per_trial,
-                              self.workers * self.gpus_per_trial)
+                              self.workers * self.gpus_per_trial, tuple(self.plugins))
         self._attempted: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -102,7 +102,7 @@ def check_space(method_cls, base: dict[str, Any], space: dict[str, Any], options
     schedules are at their extremes) are checked like a run, before any trial starts."""
     from bench.data.sources import load_for, prepare_cache_dir
     from bench.run.prepare import check_feasible
-    cache = prepare_cache_dir(base["cache_dir"])
+    cache = prepare_cache_dir(base["cache_dir"], option="--set cache_dir=PATH")
     data = load_for(base, cache, progress=base["progress"])
     check_feasible(base, data, cache)
     for corner in corners(space, options)[:4096]:

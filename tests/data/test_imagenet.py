@@ -192,19 +192,19 @@ def split_file_cases(tree, tmp_path):
              "wrong format": ("Index\n12\nnot-a-number\n", "has no integer Index"),
              "index out of range": ("Index\n0\n999999\n", "index 999999 is outside the"),
              "csv without an index column": ("Name,Label\nx,1\n", "is not a file name"),
-             # a 1-image-a-class file under the smoke preset's 10 %: the row would be mislabelled
+             # a 1-image-a-class file under an explicit 10 %: the row would be mislabelled
              "budget disagrees": ("".join(f"{f}\n" for f in files[::400]), "but --label-fraction is 0.1")}
     for name, (text, words) in cases.items():
         path = tmp_path / f"{name.replace(' ', '_')}.txt"
         path.write_text(text)
-        yield name, path, words
+        yield name, path, words, ["--label-fraction", "0.1"] if name == "budget disagrees" else []
 
 
 def test_bad_split_files_are_one_line_exit_2_and_nothing_written(tree, cache, tmp_path):
-    for name, path, words in split_file_cases(tree, tmp_path):
+    for name, path, words, extra in split_file_cases(tree, tmp_path):
         results = tmp_path / "r"
         out = bench(["run", "fixmatch", "--dataset", "imagenet", "--data", str(tree[0]), *TINY, "--split-file",
-                     str(path), "--results-dir", str(results)], cache)
+                     str(path), *extra, "--results-dir", str(results)], cache)
         rejected(out, words, results)
 
 
@@ -216,16 +216,17 @@ def test_split_files_in_both_formats_give_one_split_with_its_counts_shown(tree, 
     semivit = tmp_path / "train_5p_index.csv"
     semivit.write_text("Index\n" + "\n".join(map(str, reversed(chosen))) + "\n")
     hashes = []
-    for path in (simclr, semivit):
+    # the file sets the budget; an explicit fraction that agrees with it is accepted too
+    for path, budget in ((simclr, []), (semivit, ["--label-fraction", "0.05"])):
         out = bench(["run", "fixmatch", "--dataset", "imagenet", "--data", str(tree[0]), *TINY, "--steps", "5",
-                     "--split-file", str(path), "--label-fraction", "0.05", "--results-dir", str(tmp_path / path.stem)],
-                    cache)
+                     "--split-file", str(path), *budget, "--results-dir", str(tmp_path / path.stem)], cache)
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"{len(chosen)} labeled images, 20-20 per class in 6 classes" in out.stdout
         (run,) = run_dirs(tmp_path / path.stem)
         split = load_json(run / "split.json")
         assert sorted(split["labeled"] + split["val"]) == chosen        # the file's images, validation carved
         assert split["key"]["split_file"]["sha256"] and split["key"]["split_file"]["format"] in ("simclr", "semivit")
+        assert load_json(run / "config.json")["label_fraction"] == len(chosen) / len(d.train_files) == 0.05
         hashes.append(split["hash"])
     assert hashes[0] == hashes[1]
 

@@ -97,3 +97,11 @@ def test_a_preempted_worker_job_is_requeued_and_resumes_its_cell(tmp_path):
     (run,) = run_dirs(results)                                   # one run, resumed in place
     assert load_json(run / "run.json")["status"] == "COMPLETED"
     assert load_json(run / "info.json")["resumed_from_step"] > 0
+
+
+def test_node_lists_expand_as_scontrol_expands_them():
+    from bench.distributed.world import expand_hostlist
+    for nodelist in ("rack[1-2]-node[01-04]", "gpu[03-05,07],cpu1", "a-b[8-11]"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        assert expand_hostlist(nodelist) == out.stdout.split(), nodelist

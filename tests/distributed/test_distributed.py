@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bench.distributed.world import check_devices, first_host, from_env
+from bench.distributed.world import check_devices, expand_hostlist, first_host, from_env
 from bench.errors import UsageError
 from helpers import REPO, bench_env, load_json, run_dirs, wait_for
 
@@ -221,5 +221,13 @@ def test_rank_and_world_come_from_torchrun_or_slurm():
                         "SLURM_JOB_NODELIST": "gpu[03-05,07]", "SLURM_JOB_ID": "1234"})
     assert (w.rank, w.size, w.local_rank) == (5, 16, 1) and addr == {"MASTER_ADDR": "gpu03", "MASTER_PORT": "29734"}
     assert first_host("cpu1,cpu2") == "cpu1" and first_host("a-b[1-2]") == "a-b1"
+    assert first_host("rack[1-2]-node[01-04]") == "rack1-node01"
+
+
+def test_slurm_node_lists_expand_as_slurm_expands_them():
+    assert expand_hostlist("rack[1-2]-node[01-02],cpu[7,9-10],login") == [
+        "rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02", "cpu7", "cpu9", "cpu10", "login"]
+    assert expand_hostlist("gpu[098-101]") == ["gpu098", "gpu099", "gpu100", "gpu101"]
+    assert expand_hostlist("a-b[1-2]") == ["a-b1", "a-b2"] and expand_hostlist("") == []
     with pytest.raises(UsageError, match="outside a world of 2"):
         from_env({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "x", "MASTER_PORT": "1"})

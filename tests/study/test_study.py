@@ -113,6 +113,8 @@ def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     for name in ("table.csv", "table.md", "table.tex", "figure.png", "figure.pdf", "curves.png"):
         assert (report / name).stat().st_size > 0, name
     assert f"{statistics.mean(groups[(0.2, 0.002)]):.2f}" in (report / "table.md").read_text()
+    tex = (report / "table.tex").read_text()
+    assert r"\toprule" in tex and r"\usepackage{booktabs}" in tex.splitlines()[0]  # the package it needs, named
     # each run's provenance travels into runs.csv
     runs_csv = pd.read_csv(report / "runs.csv")
     record = load_json(runs[0] / "run.json")

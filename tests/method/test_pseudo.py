@@ -92,3 +92,28 @@ def test_ema_update_rule():
     ema.update(model)
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * model.weight)
     assert not ema.model.weight.requires_grad
+
+
+def test_the_ema_holds_and_averages_the_classifier_only():
+    from bench.config import resolve
+    from bench.method.base import get_method
+    from bench.model.vit_mae import build_model
+    cfg = resolve(get_method("semi_mae"), preset="smoke")
+    model = build_model(cfg, 4, with_decoder=True)
+    ema = EMA(model, decay=0.5)
+    keys = set(ema.state_dict())
+    assert keys == {k for k in model.state_dict() if not k.startswith(("decoder.", "mae_norm."))}
+    assert any(k.startswith("decoder.") for k in model.state_dict()) and model.decoder is not None
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    now = model.state_dict()
+    for k, v in ema.state_dict().items():  # each tensor against its namesake, not by position
+        expected = 0.5 * before[k] + 0.5 * now[k] if v.is_floating_point() else now[k]
+        torch.testing.assert_close(v, expected, msg=k)
+    ema.load_state_dict(model.state_dict())  # a full model's state: its classifier part loads
+    assert torch.equal(ema.model.vit.pos_embed, model.vit.pos_embed)
+    x = torch.randn(2, 3, cfg["img_size"], cfg["img_size"])
+    torch.testing.assert_close(ema.model(x), model.eval()(x))

@@ -1,5 +1,6 @@
 """Loading: official CIFAR archives built here in the official format, image folders as folders
 and tarballs, the uint8 cache, downloads with checksums, synthetic data, and bad input."""
+import dataclasses
 import hashlib
 import io
 import tarfile
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import data as datamod
+from bench.data import sources as datamod
 from bench.data.dataset import CIFAR10_CLASSES
 from bench.data.sources import fetch, load_dataset, make_synthetic
 from bench.errors import UsageError
@@ -28,6 +29,20 @@ def test_cifar10_archive_and_extracted_folder(tmp_path):
         tar.extractall(tmp_path / "x", filter="data")
     folder = load_dataset("cifar10", tmp_path / "x", tmp_path / "cache2", progress=False)
     assert np.array_equal(folder.train_x, d.train_x) and np.array_equal(folder.test_y, d.test_y)
+
+
+def test_a_given_archive_is_checked_against_the_official_md5(tmp_path, monkeypatch):
+    archive, _ = build_cifar10(tmp_path)  # official name, other bytes
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    d = load_dataset("cifar10", archive, tmp_path / "cache", progress=False)
+    assert d.checksum == {"file": "cifar-10-python.tar.gz", "md5": md5,
+                          "official_md5": datamod.CIFAR["cifar10"].md5, "official": False}
+    again = load_dataset("cifar10", archive, tmp_path / "cache", progress=False)  # from the array cache
+    assert again.checksum == d.checksum
+    monkeypatch.setitem(datamod.CIFAR, "cifar10", dataclasses.replace(datamod.CIFAR["cifar10"], md5=md5))
+    assert load_dataset("cifar10", archive, tmp_path / "cache", progress=False).checksum["official"]
+    renamed = archive.rename(tmp_path / "mine.tar.gz")
+    assert load_dataset("cifar10", renamed, tmp_path / "cache", progress=False).checksum is None
 
 
 def test_cifar100_archive_uses_fine_labels_and_names(tmp_path):

@@ -1,11 +1,12 @@
 """Reports state every budget and give differences with their uncertainty, paired by seed."""
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.study.compare import interval, seeds_needed
+from bench.study.compare import interval, paired_power, seeds_needed
 from helpers import bench, load_json, run_dirs
 
 FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
@@ -17,10 +18,18 @@ def test_t_interval_and_seeds_needed_by_hand():
     half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)   # sd of 1, 2, 3 is 1
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
     assert math.isnan(interval([0.5])[1])               # one pair: no interval
-    # a difference of 1 with spread 1 needs n with t(0.975, n-1) / sqrt(n) < 1: n = 7
-    assert seeds_needed(1.0, 1.0) == 7
-    assert stats.t.ppf(0.975, 5) / math.sqrt(6) >= 1 > stats.t.ppf(0.975, 6) / math.sqrt(7)
+    # a difference of 1 at spread 1: 80 % power takes 10 pairs (G*Power's table: 0.803 at n = 10),
+    # not the 7 at which the interval only just excludes zero at the observed mean
+    assert seeds_needed(1.0, 1.0) == 10 and seeds_needed(-2.0, 2.0) == 10
+    assert paired_power(1.0, 10) == pytest.approx(0.8031, abs=5e-4) and paired_power(1.0, 9) < 0.8
     assert seeds_needed(0.0, 1.0) is None and seeds_needed(0.001, 5.0) is None
+
+
+def test_power_is_the_share_of_simulated_paired_tests_that_reject():
+    rng = np.random.default_rng(0)
+    diffs = rng.normal(0.8, 1.0, size=(20000, 8))
+    rejected = stats.ttest_1samp(diffs, 0.0, axis=1).pvalue < 0.05
+    assert rejected.mean() == pytest.approx(paired_power(0.8, 8), abs=0.01)
 
 
 def test_a_study_report_states_budgets_and_paired_differences(tmp_path):
