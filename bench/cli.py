@@ -82,22 +82,29 @@ def cmd_run(argv: Sequence[str]) -> int:
         print(render(cfg, sources), end="")
         return 0
 
+    if nproc != 1:
+        return launch_ranks(cfg, resume, nproc, argv)
+    from bench.distributed import world
+    run_id, result = train_config(cfg, resume)
+    if world().is_main:
+        print(f"run {run_id} COMPLETED: test acc {result['test_acc']:.2f} (EMA {result['test_acc_ema']:.2f}, "
+              f"selected on validation {result['test_acc_selected']:.2f}) in {result['minutes']:.1f} min")
+    return 0
+
+
+def train_config(cfg: dict[str, Any], resume: str | None = None) -> tuple[str, dict]:
+    """Train a resolved config as this process's rank (joining the launch it belongs to, if
+    any): (run id, result)."""
     from bench import distributed
     from bench.run.link import StudyLink
     from bench.run.runner import execute
-    if nproc != 1:
-        return launch_ranks(cfg, resume, nproc, argv)
     w = distributed.join(cfg["device"], cfg["dist_timeout"])
     cfg = {**cfg, "device": distributed.world_device(w, cfg["device"])}
     try:
         with distributed.stop_on_sigterm():
-            run_id, result = execute(cfg, resume=resume, link=StudyLink.from_env())  # a study worker's, if any
+            return execute(cfg, resume=resume, link=StudyLink.from_env())  # a study worker's, if any
     finally:
         distributed.leave()
-    if w.is_main:
-        print(f"run {run_id} COMPLETED: test acc {result['test_acc']:.2f} (EMA {result['test_acc_ema']:.2f}, "
-              f"selected on validation {result['test_acc_selected']:.2f}) in {result['minutes']:.1f} min")
-    return 0
 
 
 def launch_ranks(cfg: dict[str, Any], resume: str | None, nproc: int, argv: Sequence[str]) -> int:
@@ -331,11 +338,29 @@ def version_line() -> str:
     return f"ssvit-bench {versions()['ssvit-bench']}{where}"
 
 
+def cmd_export(argv: Sequence[str]) -> int:
+    parser = Parser(prog="bench export", description="write a run's classifier as a folder timm loads offline: "
+                    "timm.create_model('local-dir:DIR', pretrained=True)")
+    parser.add_argument("run", help="a run id under <results-dir>/runs, or a run folder")
+    parser.add_argument("--out", required=True, type=Path, help="the folder to write (new or empty)")
+    parser.add_argument("--final", action="store_true", help="the run's last model instead of the one "
+                        "selected on validation")
+    parser.add_argument("--results-dir", default="results", help="where run ids are looked up (default: results)")
+    args = parser.parse_args(argv)
+    from bench.run.export import export_run
+    from bench.run.prepare import find_run_dir
+    done = export_run(find_run_dir(args.results_dir, args.run), args.out, final=args.final)
+    print(f"exported {done['architecture']} ({done['num_classes']} classes; {done['weights']}) to {done['out']}: "
+          f"timm.create_model('local-dir:{done['out']}', pretrained=True)")
+    return 0
+
+
 COMMANDS = {"run": (cmd_run, "train one method as a tracked run"),
             "study": (cmd_study, "run a study (grid x seeds) and write its report"),
             "report": (cmd_report, "rebuild a study's tables and figures"),
             "tune": (cmd_tune, "search hyperparameters with Optuna TPE"),
             "speed": (cmd_speed, "measure each method's training-step throughput"),
+            "export": (cmd_export, "write a run's classifier as a folder timm loads"),
             "list": (cmd_list, "list methods, datasets, presets and studies")}
 
 
