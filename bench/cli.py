@@ -201,6 +201,8 @@ def cmd_study(argv: Sequence[str]) -> int:
     parser.add_argument("--data", default=None, help="dataset archive or folder, as `bench run --data` "
                         "(default: CIFAR is downloaded, synthetic generated)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the study's)")
+    parser.add_argument("--plan", action="store_true", help="print the study's plan (cells, shared stages, what is "
+                        "recorded, the estimated time on this device, cuts) and exit, writing nothing")
     parser.add_argument("--workers", type=int, default=1, help="cells run at once on this machine, one "
                         "`bench run` process each (default 1)")
     parser.add_argument("--heartbeat", type=finite_float, default=30.0, help="seconds between trial heartbeats; "
@@ -224,7 +226,8 @@ def cmd_study(argv: Sequence[str]) -> int:
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="dataset (default: the study's datasets)")
     parser.add_argument("--preset", default=None, help="a shipped preset (see `bench list`) or a preset .yaml "
-                        "file (default: the study's)")
+                        "file (default: the study's, else the one this device can finish: cpu on a CPU, fast on "
+                        "a GPU)")
     parser.add_argument("--storage", default=None, help="Optuna storage: an RDB URL such as "
                         "postgresql://user@host/db to share a study between machines (default: a journal "
                         "file under <results-dir>/studies)")
@@ -281,6 +284,8 @@ def cmd_tune(argv: Sequence[str]) -> int:
                         "runs the rest (default: run until --trials are finished)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show each trial's progress bar")
+    parser.add_argument("--plan", action="store_true", help="print the search's plan (trials left, the estimated "
+                        "time on this device) and exit, writing nothing")
     add_set_argument(parser)
     add_plugin_argument(parser)
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bench.method import Batch, Images, Method, Option, pseudo_label_options, register, unit_open
+from bench.method import Batch, Images, Method, Option, Pass, pseudo_label_options, register, unit_open
 
 
 @register("semi_mae")
@@ -29,6 +29,11 @@ class SemiMAE(Method):
     uses_decoder = True
     pseudo_labels = True
     threshold_option = "tau"
+
+    @classmethod
+    def step_passes(cls, cfg) -> list[Pass]:
+        reconstructed = cls.unlabeled_batch_size(cfg) + (cfg["batch_size"] if cfg["mae_input"] == "weak_all" else 0)
+        return [*super().step_passes(cfg)[:-1], Pass(reconstructed, mask_ratio=cfg["mask_ratio"])]
 
     def mae_input(self, batch: Batch, x_weak: Tensor, x_strong: Tensor) -> tuple[Tensor, Images]:
         """The views the MAE branch reconstructs, and the images they show."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.method import (Batch, Images, Method, Option, PseudoLabelMemory, PseudoLabels, UsageError,
+from bench.method import (Batch, Images, Method, Option, Pass, PseudoLabelMemory, PseudoLabels, UsageError,
                           ValidationGate, agreeing, non_negative, positive, register, threshold_options,
                           unit_closed, unit_open, weighted_mean)
 
@@ -77,6 +77,14 @@ class SSMAE(Method):
             raise UsageError(f"ssmae: the gate needs --gate-min-confident {cfg['gate_min_confident']} confident "
                              f"images but its split (--gate-split {cfg['gate_split']}) holds only {n}; lower "
                              f"--gate-min-confident or enlarge the split")
+
+    @classmethod
+    def step_passes(cls, cfg) -> list[Pass]:
+        """Both views through the teacher (once the gate is open), one CE pass over labeled and
+        unlabeled images, and the MAE pass over them all."""
+        labeled, unlabeled = cfg["batch_size"], cls.unlabeled_batch_size(cfg)
+        return [Pass(2 * unlabeled, trained=False), Pass(labeled + unlabeled),
+                Pass(labeled + unlabeled, mask_ratio=cfg["mask_ratio"])]
 
     def setup(self) -> None:
         cfg = self.cfg

@@ -7,7 +7,7 @@ is the stable surface; the modules behind it may move.
 """
 from bench.data.batch import Batch, Images
 from bench.errors import UsageError
-from bench.method.base import (Method, TrainData, get_method, method_names, pseudo_label_options, register,
+from bench.method.base import (Method, Pass, TrainData, get_method, method_names, pseudo_label_options, register,
                                soft_cross_entropy, weighted_mean)
 from bench.method.mixing import mix, one_hot_smooth, partners_of, prob_pseudo_mix_lambda
 from bench.method.pseudo import PseudoLabelMemory, PseudoLabels, ValidationGate, agreeing
@@ -15,7 +15,7 @@ from bench.method.stage import PRETRAIN, Stage
 from bench.method.thresholds import threshold_options
 from bench.options import Option, non_negative, positive, unit_closed, unit_open, unit_open_closed
 
-__all__ = ["Batch", "Images", "UsageError", "Method", "TrainData", "get_method", "method_names",
+__all__ = ["Batch", "Images", "UsageError", "Method", "Pass", "TrainData", "get_method", "method_names",
            "pseudo_label_options", "register", "soft_cross_entropy", "weighted_mean", "mix", "one_hot_smooth",
            "partners_of", "prob_pseudo_mix_lambda", "PseudoLabelMemory", "PseudoLabels", "ValidationGate", "agreeing",
            "PRETRAIN", "Stage", "threshold_options", "Option", "non_negative", "positive", "unit_closed", "unit_open",

@@ -65,6 +65,16 @@ def get_method(name: str) -> type["Method"]:
     return REGISTRY[name]
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One model pass of a training step over `images` images (the global batch), for the
+    plan's cost estimate: trained (forward and backward) or forward only (a teacher); an MAE pass
+    encodes the visible patches and decodes all of them."""
+    images: int
+    trained: bool = True
+    mask_ratio: float | None = None
+
+
 @dataclass
 class TrainData:
     """What a method may see of the data: training images and the labels of its labeled and
@@ -190,6 +200,20 @@ class Method:
         if self.policy is not None and self.policy.state():
             self.policy.load_state_dict(state.pop("threshold_policy"))
         self.load_state_dict(state)
+
+    @classmethod
+    def step_passes(cls, cfg: dict[str, Any]) -> list[Pass]:
+        """The model passes of one training step (`bench study --plan` turns them into FLOPs):
+        by default the labeled batch trained; for a pseudo-labelling method the unlabeled batch
+        through the teacher and trained; for a method that reconstructs, an MAE pass of it."""
+        labeled = cfg["batch_size"] if cls.uses_labeled else 0
+        unlabeled = cls.unlabeled_batch_size(cfg)
+        out = [Pass(labeled)] if labeled else []
+        if unlabeled and cls.pseudo_labels:
+            out += [Pass(unlabeled, trained=False), Pass(unlabeled)]
+        if cls.uses_decoder:
+            out.append(Pass(unlabeled or labeled, mask_ratio=cfg["mask_ratio"]))
+        return out
 
     @classmethod
     def unlabeled_batch_size(cls, cfg: dict[str, Any]) -> int:

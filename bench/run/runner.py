@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from bench.distributed import broadcast, world
 from bench.distributed.faults import recording_failure
 from bench.errors import Interrupted, PeerLost, RunStopped

@@ -18,7 +18,9 @@ from bench.study.report import report_dir, write_report
 from bench.study.spec import StudySpec, load_study, parse_values
 from bench.study.claims import read_board
 from bench.study.storage import default_storage, open_storage, study_name
+from bench.study.plan import auto_preset, describe, device_rate
 from bench.study.sweep import Sweep
+from bench.distributed.world import pick_device
 from bench.run.tracking import prepare_runs_dir
 
 
@@ -43,11 +45,23 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
             or args.gpus_per_trial < 1:
         raise UsageError("--workers, --seeds and --gpus-per-trial must be >= 1 and --heartbeat > 0; fix the value")
     check_gpus(args.workers if args.launcher == "local" else 1, args.gpus_per_trial)
-    preset = args.preset or spec.preset
+    preset, preset_note = args.preset or spec.preset, ""
+    if preset is None:  # resolved once here: SLURM workers and cells are handed this one
+        from bench.distributed import slurm
+        preset, preset_note = auto_preset(args.launcher, slurm.parse_options(args.slurm))
+        argv = [*(argv or []), "--preset", preset]
     results_dir = Path(args.results_dir)
     cli = {**overrides, **({"data": args.data} if args.data else {})}
     datasets = _datasets(spec, args.dataset)
     specs = {d: spec.for_dataset(d) for d in datasets}
+    for dataset in datasets:  # the plan, before anything is read or written
+        cells = specs[dataset].cells(args.seeds)
+        cfgs = [specs[dataset].config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
+        recorded = recorded_cells(specs[dataset], dataset, preset, cells, cfgs, results_dir, args)
+        print(describe(specs[dataset], dataset, preset, preset_note, cells, cfgs, recorded,
+                       device_rate(pick_device(cfgs[0]["device"])), args.workers), flush=True)
+    if args.plan:
+        return 0
     # Every cell's config is resolved (validated) and the data loaded before anything is written.
     for dataset in datasets:
         cells = specs[dataset].cells(args.seeds)
@@ -92,11 +106,36 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
             interrupted = (f"study {sweep.name} stopped with {done}/{len(cells)} cells done; running cells "
                            f"were checkpointed; report so far in {out}; rerun the same command to continue")
             break
+        print(f"\n{(out / 'table.md').read_text().rstrip()}\n" if (out / "table.md").is_file() else "", end="")
         print(f"study {sweep.name}: {counts['done']}/{counts['cells']} cells done, {counts['failed']} failed "
-              f"this time; report in {out}")
+              f"this time; report in {out} (table.md, figure.png, curves.png; runs.csv holds every run)")
     if interrupted:
         raise Interrupted(interrupted)
     return 0
+
+
+def recorded_cells(spec: StudySpec, dataset: str, preset: str | None, cells: list, cfgs: list, results_dir: Path,
+                   args: argparse.Namespace) -> set[str]:
+    """The cells already finished, read without writing: in the study's store (where one exists)
+    or as a record in its report folder whose config is the cell's."""
+    from bench.config import differing_keys
+    from bench.study.records import finished_trials, load_record, record_path
+    done: set[str] = set()
+    url = args.storage or default_storage(results_dir)
+    if "://" in url or Path(url).exists():
+        try:
+            done |= set(finished_trials(optuna.load_study(study_name=study_name(spec, dataset, preset),
+                                                          storage=open_storage(url))))
+        except KeyError:
+            pass  # no such study in the store yet
+    folder = report_dir(spec, results_dir, dataset, preset, args.report_dir)
+    for cell, cfg in zip(cells, cfgs):
+        path = record_path(folder, cell.key)
+        if cell.key not in done and path.is_file():
+            record = load_record(path)
+            if not differing_keys(cfg, record["files"].get("config.json") or {}):
+                done.add(cell.key)
+    return done
 
 
 def check_gpus(workers: int, per_trial: int) -> None:

@@ -103,7 +103,7 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
             continue
         now = identity(config_of(cell)) if config_of is not None else None
         path = record_path(folder, cell.key)
-        record = _load(path) if path.is_file() else None
+        record = load_record(path) if path.is_file() else None
         if record is not None and now is not None and check_own:
             then = identity(record["files"].get("config.json") or {})
             diff = differing_keys(now, then)
@@ -153,7 +153,7 @@ class _Shelf:
                 if path.parents[1].resolve() == self.own:
                     continue
                 try:
-                    record = _load(path)
+                    record = load_record(path)
                 except UsageError:
                     continue  # another study's damaged record is that study's concern
                 self._records.append((path, record, identity(record["files"].get("config.json") or {})))
@@ -163,7 +163,7 @@ class _Shelf:
         return Path(), None
 
 
-def _load(path: Path) -> dict:
+def load_record(path: Path) -> dict:
     try:
         record = json.loads(path.read_text())
         if not isinstance(record["files"], dict):

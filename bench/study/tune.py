@@ -141,11 +141,14 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise UsageError(f"bench tune searches recipes on validation with --pl-mode on only (here: "
                          f"{'searched' if 'pl_mode' in space else base['pl_mode']}); the oracle and the control are "
                          f"references of a study (`references: [oracle, control]`), never tuned")
-    check_space(method_cls, base, space, options, args.preset, cli)
-    prepare_runs_dir(args.results_dir)
     name = f"tune:{method_cls.name}:{args.dataset}:{args.preset or 'default'}"
     folder = search_dir(args, method_cls.name)
     url = args.storage or (str(folder / "search.journal") if args.report_dir else default_storage(args.results_dir))
+    print(tune_plan(base, name, url, args.trials), flush=True)  # before the data is read or anything written
+    if args.plan:
+        return 0
+    check_space(method_cls, base, space, options, args.preset, cli)
+    prepare_runs_dir(args.results_dir)
     study = optuna.create_study(study_name=name, storage=open_storage(url), load_if_exists=True,
                                 direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
@@ -222,6 +225,25 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     print(f"compare it with the preset it started from, paired by seed on test accuracy:\n"
           f"  bench study {comparison} --dataset {args.dataset}{data}{report}")
     return 0
+
+
+def tune_plan(base: dict[str, Any], name: str, url: str, trials: int) -> str:
+    """How many trials are left and what they cost on this device (bench.study.plan's estimate;
+    a pruned trial stops early, so this is the most it takes)."""
+    from bench.distributed.world import pick_device
+    from bench.study.plan import OVERHEAD, cell_parts, device_rate, hours
+    held = 0
+    if "://" in url or Path(url).exists():
+        try:
+            held = held_trials(optuna.load_study(study_name=name, storage=open_storage(url)))
+        except KeyError:
+            pass
+    rate, label, path, _ = device_rate(pick_device(base["device"]))
+    per_trial = OVERHEAD * sum(p["flops"] for p in cell_parts(base)) / rate
+    left = max(trials - held, 0)
+    return (f"plan: {name}: {trials} trials, {held} already finished; about {hours(per_trial)} per trial (stages "
+            f"included, before pruning), {hours(left * per_trial)} for the {left} left on this device ({label}: "
+            f"{rate / 1e9:.1f} GFLOP/s measured, x{OVERHEAD}; the rate is cached in {path})")
 
 
 def held_trials(study: optuna.Study) -> int:
