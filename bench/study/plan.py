@@ -31,6 +31,7 @@ RATE_FORMAT = 2  # bump when the rate's workload changes
 # checkpoints): recorded minutes of `cpu` runs over their FLOP estimate at the measured rate
 # were 1.5-1.8 (bench run supervised --preset cpu --steps 400 --eval-every 200 on real CIFAR-10).
 OVERHEAD = 1.5
+CELL_START_S = 5.0  # a study cell's own process: Python, torch, the method registry and the cached arrays
 
 
 # -- FLOPs -------------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ def describe(spec, dataset: str, preset: str | None, preset_note: str, cells: li
     stages: dict[str, dict[str, Any]] = {}
     total, todo, per_method = 0.0, 0.0, defaultdict(float)
     for cell, cfg in zip(cells, cfgs):
-        seconds = 0.0
+        seconds = CELL_START_S
         for part in cell_parts(cfg):
             t = OVERHEAD * part["flops"] / flop_per_s
             if part["key"] is not None:
@@ -261,7 +262,8 @@ def describe(spec, dataset: str, preset: str | None, preset_note: str, cells: li
     lines.append(f"  time: about {hours(todo / max(workers, 1))} for what is left"
                  + (f" ({hours(total)} for the whole grid)" if todo != total else "")
                  + f" on this device ({label}: {flop_per_s / 1e9:.1f} GFLOP/s measured on a training step, "
-                 f"x{OVERHEAD} for what FLOPs do not count; the rate is cached in {rate_file})")
+                 f"x{OVERHEAD} for what FLOPs do not count, {CELL_START_S:.0f} s to start each cell; the rate is "
+                 f"cached in {rate_file})")
     cuts = []
     if len(by_method) > 1:
         cuts.append(f"--methods {' '.join(list(by_method)[:2])}")
