@@ -28,8 +28,12 @@ CORE_OPTIONS: dict[str, Option] = {
     # data and split
     "dataset": _opt("synthetic", "dataset name", DATA, choices=DATASETS),
     "data": _opt(None, "path to the dataset archive or folder (offline CIFAR: the official "
-                 "cifar-10-python.tar.gz / cifar-100-python.tar.gz or an image-folder tarball); unset: "
-                 "CIFAR is downloaded, synthetic generated", DATA),
+                 "cifar-10-python.tar.gz / cifar-100-python.tar.gz or an image-folder tarball; STL-10: "
+                 "stl10_binary.tar.gz; SVHN: the folder of its .mat files); unset: CIFAR, STL-10 and SVHN are "
+                 "downloaded, synthetic generated", DATA),
+    "unlabeled_data": _opt(None, "a folder or tarball of unlabeled-only images (any size, resized and centre-"
+                           "cropped to the dataset's side) joining the unlabeled pool, never a label split; MAE "
+                           "pretraining sees them too", DATA),
     "cache_dir": _opt(None, "cache for downloads, decoded arrays and split manifests; unset: "
                       "$SSVIT_CACHE, else ~/.cache/ssvit-bench", DATA),
     "image_side": _opt(None, "cache every image at this side (shorter side resized, centre crop) in an on-disk "
@@ -154,7 +158,7 @@ CORE_OPTIONS: dict[str, Option] = {
 # Keys that do not change what a run computes: a resume may differ on these. (`world_size`,
 # `rank_batch` and `store_used` are runtime facts kept in a run's info; records made before
 # they moved there hold them in their config.)
-IDENTITY_EXCLUDED = {"results_dir", "mongo", "progress", "device", "cache_dir", "data",
+IDENTITY_EXCLUDED = {"results_dir", "mongo", "progress", "device", "cache_dir", "data", "unlabeled_data",
                      "compile", "eval_batch_size", "dist_timeout", "world_size", "rank_batch", "store",
                      "store_used"}
 

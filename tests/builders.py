@@ -125,3 +125,50 @@ def write_imagenet_tree(root, wnids=WNIDS, train_per_class=30, val_per_class=8, 
                     im.save(path, format="JPEG", quality=90)
                 written[f"{split}/{wnid}/{name}"] = (c, img)
     return written
+
+
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def build_stl10(root, train_per_class=6, test_per_class=2, unlabeled=30, folds=10, fold_size=12, seed=0):
+    """A small stl10_binary.tar.gz in the official layout: 3 x 96 x 96 column-major bytes per
+    image, labels as bytes 1..10, class_names.txt and fold_indices.txt. Returns (archive, images):
+    the (H, W, 3) images and 0-based labels it holds."""
+    rng = np.random.default_rng(seed)
+    made = {}
+    for part, n in (("train", 10 * train_per_class), ("test", 10 * test_per_class), ("unlabeled", unlabeled)):
+        made[part + "_x"] = rng.integers(0, 256, size=(n, 96, 96, 3), dtype=np.uint8)
+        if part != "unlabeled":
+            made[part + "_y"] = np.repeat(np.arange(10), n // 10)
+    members = {
+        "train_X.bin": made["train_x"].transpose(0, 3, 2, 1).tobytes(),  # (N, C, W, H): column-major
+        "train_y.bin": (made["train_y"] + 1).astype(np.uint8).tobytes(),
+        "test_X.bin": made["test_x"].transpose(0, 3, 2, 1).tobytes(),
+        "test_y.bin": (made["test_y"] + 1).astype(np.uint8).tobytes(),
+        "unlabeled_X.bin": made["unlabeled_x"].transpose(0, 3, 2, 1).tobytes(),
+        "class_names.txt": ("\n".join(STL10_CLASSES) + "\n").encode(),
+    }
+    made["folds"] = [np.sort(rng.permutation(len(made["train_x"]))[:fold_size]) for _ in range(folds)]
+    members["fold_indices.txt"] = "".join(" ".join(map(str, f)) + " \n" for f in made["folds"]).encode()
+    path = root / "stl10_binary.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, raw in members.items():
+            info = tarfile.TarInfo(f"stl10_binary/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path, made
+
+
+def build_svhn(folder, per_part=None, seed=0):
+    """SVHN's official MATLAB files (train, test, extra): X (32, 32, 3, N) uint8, y (N, 1) with
+    1..10, 10 for the digit 0. Returns the (H, W, 3) images and 0-based labels of each part."""
+    from scipy.io import savemat
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for part, n in (per_part or {"train": 40, "test": 20, "extra": 30}).items():
+        x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        digits = np.arange(n) % 10
+        savemat(folder / f"{part}_32x32.mat", {"X": x.transpose(1, 2, 3, 0), "y": np.where(digits == 0, 10, digits)[:, None]})
+        made[part] = (x, digits)
+    return made

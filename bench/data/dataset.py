@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
+DATASETS = ("cifar10", "cifar100", "stl10", "svhn", "svhn_extra", "imagefolder", "imagenet", "synthetic")
+NO_FLIP = ("svhn", "svhn_extra")  # digits are not mirror-symmetric
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # torchvision ImageFolder's own list: index files (Semi-ViT's CSVs) are positions in its order
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -23,6 +24,18 @@ class Dataset:
     train_files: list[str] | None = None  # training images' names in ImageFolder order (split files)
     # a given archive under an official name: its md5 beside the official one (recorded, never refused)
     checksum: dict | None = None
+    folds: list | None = None     # official training folds (STL-10), usable as `--split-file fold:K`
+    unlabeled_only: int = 0       # the last this many training images have no label (y = -1)
+
+    @property
+    def hflip(self) -> bool:
+        """Whether the views may mirror an image."""
+        return self.name not in NO_FLIP
+
+    @property
+    def labeled_pool(self) -> np.ndarray:
+        """Indices of the training images that have a label."""
+        return np.flatnonzero(self.train_y >= 0)
 
     @property
     def num_classes(self) -> int:

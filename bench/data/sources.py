@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from bench.data import stl10, svhn
 from bench.data.dataset import CIFAR10_CLASSES, DATASETS, IMAGE_SUFFIXES, Dataset
 from bench.errors import UsageError
 from bench.io import atomic_write, ensure_writable_dir, file_digest
@@ -90,10 +91,13 @@ def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,
             raise UsageError("--dataset imagefolder needs --data PATH to a folder (or .tar/.tar.gz) "
                              "holding train/<class>/* and test/<class>/*")
         data = download(name, cache_dir, progress)
+    if name in ("svhn", "svhn_extra") and not Path(data).expanduser().is_dir():
+        raise UsageError(f"--data {data}: SVHN is read from the folder holding its official .mat files "
+                         f"({', '.join(f for f, _ in svhn.FILES.values())}); give that folder")
     path = Path(data).expanduser()
     if not path.exists():
         raise UsageError(f"--data {data}: no such file or directory; give the path to the dataset")
-    if path.is_file() and not _is_tarfile(path):
+    if path.is_file() and not _is_tarfile(path) and name not in ("svhn", "svhn_extra"):
         raise UsageError(f"--data {data}: not a readable tar archive (corrupt or truncated?); "
                          f"download it again or give the extracted folder")
     source_hash = content_hash(path, cache_dir)
@@ -106,6 +110,10 @@ def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,
             pass  # an unreadable cache is rebuilt below
     if name in CIFAR and _is_cifar_source(path, CIFAR[name]):
         arrays = _decode_cifar(path, CIFAR[name], name)
+    elif name == "stl10" and stl10.is_stl10_source(path):
+        arrays = stl10.decode(path)
+    elif name in ("svhn", "svhn_extra"):
+        arrays = svhn.decode(path, name)
     else:
         fixed = list(CIFAR10_CLASSES) if name == "cifar10" else None
         arrays = _decode_image_folder(path, name, fixed, 100 if name == "cifar100" else None, progress)
@@ -114,9 +122,13 @@ def load_dataset(name: str, data: str | Path | None, cache_dir: str | Path,
 
 
 def load_for(cfg: dict[str, Any], cache_dir: str | Path, progress: bool = True) -> Dataset:
-    """The dataset of a resolved run config."""
-    return load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg), progress=progress,
+    """The dataset of a resolved run config, with its unlabeled-only images (`--unlabeled-data`)."""
+    data = load_dataset(cfg["dataset"], cfg["data"], cache_dir, synthetic=synthetic_params(cfg), progress=progress,
                         image_side=cfg.get("image_side"))
+    if cfg.get("unlabeled_data"):
+        from bench.data.unlabeled import with_unlabeled
+        data = with_unlabeled(data, cfg["unlabeled_data"], Path(cache_dir), progress)
+    return data
 
 
 def synthetic_params(cfg: dict[str, Any]) -> dict[str, int]:
@@ -127,13 +139,32 @@ def synthetic_params(cfg: dict[str, Any]) -> dict[str, int]:
 
 # -- downloads -------------------------------------------------------------------------------
 def download(name: str, cache_dir: Path, progress: bool = True) -> Path:
-    """The official archive of `name` in `<cache>/downloads`, fetched and md5-checked if absent."""
+    """The official archive of `name` in `<cache>/downloads` (SVHN: the folder of its .mat files),
+    fetched and md5-checked if absent."""
+    if name == "stl10":
+        return _download_file(stl10.URL, stl10.FILENAME, stl10.MD5, cache_dir, progress)
+    if name in ("svhn", "svhn_extra"):
+        for part in svhn.parts_of(name):
+            _download_file(svhn.URL, *svhn.FILES[part], cache_dir / "downloads", progress, folder="svhn")
+        return cache_dir / "downloads" / "svhn"
+    if name not in CIFAR:
+        raise UsageError(f"--dataset {name} is not downloaded; give --data PATH")
     spec = CIFAR[name]
     dest = cache_dir / "downloads" / spec.filename
     if dest.is_file() and file_digest(dest, "md5") == spec.md5:
         return dest
     fetch(MIRROR.rstrip("/") + "/" + spec.filename, dest, spec.md5, progress,
           hint=f"offline? pass --data PATH to {spec.filename} (or an image-folder copy) instead")
+    return dest
+
+
+def _download_file(base: str, filename: str, md5: str, cache_dir: Path, progress: bool, folder: str = "") -> Path:
+    dest = cache_dir / "downloads" / folder / filename if folder else cache_dir / "downloads" / filename
+    if dest.is_file() and file_digest(dest, "md5") == md5:
+        return dest
+    mirror = os.environ.get("SSVIT_MIRROR")  # one mirror serving every official file name
+    fetch((mirror or base).rstrip("/") + "/" + filename, dest, md5, progress,
+          hint=f"offline? pass --data PATH to {filename} (its folder, for SVHN) instead")
     return dest
 
 
@@ -389,8 +420,10 @@ def make_synthetic(classes: int = 10, size: int = 32, train_per_class: int = 100
 def _write_cache(path: Path, arrays: dict[str, Any]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
+            extra = {f"fold_{i}": fold for i, fold in enumerate(arrays.get("folds") or [])}
             np.savez(f, classes=np.array(arrays["classes"]), version=np.array(CACHE_VERSION),
-                     **{k: arrays[k] for k in ("train_x", "train_y", "test_x", "test_y")})
+                     unlabeled_only=np.array(arrays.get("unlabeled_only", 0)),
+                     **{k: arrays[k] for k in ("train_x", "train_y", "test_x", "test_y")}, **extra)
     try:
         atomic_write(path, write)
     except OSError as e:  # an unwritable cache costs speed, not the run
@@ -401,5 +434,7 @@ def _read_cache(path: Path, name: str, source_hash: str, checksum: dict | None =
     with np.load(path) as z:
         if str(z["version"]) != CACHE_VERSION:
             raise ValueError("stale cache")
+        folds = [z[f"fold_{i}"] for i in range(10) if f"fold_{i}" in z.files] or None
         return Dataset(name, [str(c) for c in z["classes"]], z["train_x"], z["train_y"], z["test_x"],
-                       z["test_y"], source_hash, checksum=checksum)
+                       z["test_y"], source_hash, checksum=checksum, folds=folds,
+                       unlabeled_only=int(z["unlabeled_only"]) if "unlabeled_only" in z.files else 0)

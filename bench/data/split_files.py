@@ -22,9 +22,12 @@ FORMATS = ("auto", "simclr", "semivit")
 
 
 def read_split_file(path: str | Path, train_files: list[str] | None, train_y: np.ndarray, classes: list[str],
-                    fmt: str = "auto") -> tuple[np.ndarray, dict]:
+                    fmt: str = "auto", folds: list | None = None) -> tuple[np.ndarray, dict]:
     """The labeled training indices a split file names, and what it says of itself (format,
-    sha256, count, per-class counts); UsageError on any defect."""
+    sha256, count, per-class counts); UsageError on any defect. `fold:K` names the dataset's
+    official training fold K (STL-10's ten folds of 1,000 images)."""
+    if str(path).startswith("fold:"):
+        return official_fold(str(path), train_y, classes, folds)
     path = Path(path).expanduser()
     where = f"--split-file {path}"
     try:
@@ -56,6 +59,22 @@ def read_split_file(path: str | Path, train_files: list[str] | None, train_y: np
             "classes_with_labels": int((per_class > 0).sum()), "per_class_min": int(per_class.min()),
             "per_class_max": int(per_class.max())}
     return np.sort(idx).astype(np.int64), info
+
+
+def official_fold(name: str, train_y: np.ndarray, classes: list[str], folds: list | None) -> tuple[np.ndarray, dict]:
+    where = f"--split-file {name}"
+    if not folds:
+        raise UsageError(f"{where}: this dataset has no official folds (STL-10 has ten: fold:0 ... fold:9); "
+                         f"give a split file")
+    k = name.split(":", 1)[1]
+    if not k.isdigit() or int(k) >= len(folds):
+        raise UsageError(f"{where}: the folds are fold:0 ... fold:{len(folds) - 1}; pick one of those")
+    idx = np.sort(np.asarray(folds[int(k)], dtype=np.int64))
+    per_class = np.bincount(train_y[idx], minlength=len(classes))
+    info = {"file": name, "format": "fold", "sha256": hashlib.sha256(idx.tobytes()).hexdigest(),
+            "images": int(len(idx)), "classes_with_labels": int((per_class > 0).sum()),
+            "per_class_min": int(per_class.min()), "per_class_max": int(per_class.max())}
+    return idx, info
 
 
 def _semivit_indices(lines: list[str], where: str, n: int) -> np.ndarray:

@@ -70,7 +70,7 @@ def make_split(y: np.ndarray, num_classes: int, *, label_fraction: float = 0.1,
     each class (`"unlabeled"`: their labels are read for validation only, and they leave the
     unlabeled pool), val_fraction of the class's labeled count, at least one, or `val_per_class`
     images of each class."""
-    counts = np.bincount(y, minlength=num_classes)
+    counts = np.bincount(y[y >= 0], minlength=num_classes)  # unlabeled-only images (y = -1) are pool only
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5117]))
     labeled, val = [], []
     if labeled_from is None:

@@ -91,15 +91,20 @@ def agreeing(weak: PseudoLabels, strong: PseudoLabels) -> PseudoLabels:
     return PseudoLabels(weak.labels, weak.conf, mask)
 
 
-def admission_logs(pl: PseudoLabels, y_true: Tensor, name: str = "pl") -> dict[str, Tensor]:
+def admission_logs(pl: PseudoLabels, y_true: Tensor, name: str = "pl", partial: bool = False) -> dict[str, Tensor]:
     """Admission rate, mean confidence and precision of admitted labels against `y_true`, each
     as a (numerator, denominator) pair of this step's counts (no host sync), so a log window
     divides sums over the steps it saw: a rate logged only while a gate is open is averaged over
-    those steps, and precision over the labels admitted."""
+    those steps, and precision over the labels admitted. With `partial` (a pool holding
+    unlabeled-only images, y = -1), precision is over the admitted images that have a label,
+    and `<name>_covered` is their share of the admitted."""
     mask = pl.weights.float()  # a soft weight counts as that share of an admission
     n = torch.full((), float(len(mask)), device=mask.device)
+    scored = mask * (y_true >= 0).float() if partial else mask
     logs = {f"{name}_rate": torch.stack([mask.sum(), n]),
-            f"{name}_precision": torch.stack([((pl.labels == y_true).float() * mask).sum(), mask.sum()])}
+            f"{name}_precision": torch.stack([((pl.labels == y_true).float() * scored).sum(), scored.sum()])}
+    if partial:
+        logs[f"{name}_covered"] = torch.stack([scored.sum(), mask.sum()])
     if pl.conf is not None:
         logs[f"{name}_conf"] = torch.stack([pl.conf.float().sum(), n])
     return logs

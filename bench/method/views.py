@@ -64,8 +64,9 @@ class Views:
                  pad_frac: float = 0.125, randaug_ops: int = 2, randaug_mag: float = 10.0,
                  randaug_prob: float = 0.5, cutout_frac: float = 0.5,
                  mae_scale: tuple[float, float] = (0.2, 1.0), crop: str = "translate", crop_scale_min: float = 0.08,
-                 jitter: float = 0.0, erase_prob: float = 0.0, eval_crop: float = 1.0):
+                 jitter: float = 0.0, erase_prob: float = 0.0, eval_crop: float = 1.0, hflip: bool = True):
         self.out_size = out_size
+        self.hflip = hflip  # False for images a mirror changes (digits)
         self.crop, self.crop_scale_min, self.jitter = crop, crop_scale_min, jitter
         self.erase_prob, self.eval_crop = erase_prob, eval_crop
         self.random = random
@@ -199,7 +200,9 @@ class Views:
         return theta
 
     def _flip(self, d: Draws, theta: Tensor) -> Tensor:
-        flip = torch.where(d.uniform() < 0.5, -1.0, 1.0)
+        flip = torch.where(d.uniform() < 0.5, -1.0, 1.0)  # drawn either way: later draws keep their places
+        if not self.hflip:
+            return theta
         theta = theta.clone()
         theta[:, :, 0] *= flip[:, None]  # mirror the output's x axis
         return theta

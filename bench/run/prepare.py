@@ -42,10 +42,13 @@ def check_feasible(cfg: dict[str, Any], data, cache_dir: Path, planned: list[Pla
     labeled_from, info = None, None
     if cfg.get("split_file"):
         labeled_from, info = read_split_file(cfg["split_file"], data.train_files, data.train_y, data.classes,
-                                             cfg["split_format"])
-        share = check_budget(info, len(data.train_y), cfg["label_fraction"], cfg["labels_per_class"])
+                                             cfg["split_format"], data.folds)
+        share = check_budget(info, len(data.labeled_pool), cfg["label_fraction"], cfg["labels_per_class"])
         if cfg["label_fraction"] is None:
             cfg["label_fraction"] = share  # the recorded budget is the file's
+    if cfg.get("pl_mode") == "oracle" and data.unlabeled_only:
+        raise UsageError(f"--pl-mode oracle needs the true label of every pool image, and {data.unlabeled_only:,} "
+                         f"have none (unlabeled-only images); run the oracle without them")
     split = split_for(cfg, data.train_y, data.num_classes, data.source_hash, cache_dir, labeled_from, info)
     method_cls = get_method(cfg["method"])
     method_cls.check(cfg, data.num_classes, split)

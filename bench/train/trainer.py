@@ -77,7 +77,7 @@ class Trainer:
                            randaug_ops=cfg["randaug_ops"], randaug_mag=cfg["randaug_mag"],
                            randaug_prob=cfg["randaug_prob"], cutout_frac=cfg["cutout_frac"], crop=cfg["crop"],
                            crop_scale_min=cfg["crop_scale_min"], jitter=cfg["jitter"],
-                           erase_prob=cfg["erase_prob"], eval_crop=cfg["eval_crop"])
+                           erase_prob=cfg["erase_prob"], eval_crop=cfg["eval_crop"], hflip=self.data.hflip)
         # Methods see the labels of the labeled and validation splits only.
         visible = torch.full_like(self.train_y, -1)
         known = torch.cat([idx["labeled"], idx["val"]])
@@ -197,7 +197,7 @@ class Trainer:
         with self.autocast(), self.forwards.counting():
             loss, logs = self.method.train_step(batch)
         for name, pl in self.method.take_pseudo_labels().items():
-            logs.update(admission_logs(pl, y_u, name))
+            logs.update(admission_logs(pl, y_u, name, partial=self.data.unlabeled_only > 0))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.params)  # one all-reduce for the whole method step, whatever it called
