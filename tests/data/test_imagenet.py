@@ -18,6 +18,7 @@ from bench.data.store.build import decode_resized
 from builders import WNIDS, write_imagenet_tree
 from helpers import REPO, bench, bench_env, load_json, run_dirs, wait_for
 
+pytestmark = pytest.mark.xdist_group("imagenet")  # its session trees are built once, on one worker
 SIDE = 48
 TINY = ["--preset", "smoke", "--no-progress", "--image-side", str(SIDE), "--img-size", "32", "--patch-size", "8",
         "--eval-every", "10", "--ckpt-every", "10", "--log-every", "5"]
@@ -158,6 +159,7 @@ def test_peak_memory_on_the_streamed_store_does_not_grow_with_the_dataset(tmp_pa
 BUILD = """
 import sys
 from bench.data.sources import load_dataset
+
 load_dataset("imagenet", sys.argv[1], sys.argv[2], image_side=int(sys.argv[3]), progress=False)
 """
 

@@ -25,7 +25,7 @@ def slurm_up() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.skipif(not REQUIRED and not slurm_up(), reason="no SLURM cluster here"),
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.skipif(not REQUIRED and not slurm_up(), reason="no SLURM cluster here"),
               pytest.mark.skipif(not REQUIRED and importlib.util.find_spec("submitit") is None, reason="no submitit")]
 FAST = ["--preset", "smoke", "--no-progress", "--set", "eval_every=10", "--set", "log_every=5"]
 
@@ -78,9 +78,10 @@ def test_a_preempted_worker_job_is_requeued_and_resumes_its_cell(tmp_path):
                              "--results-dir", str(results), "--launcher", "slurm", "--workers", "1",
                              "--heartbeat", "2", "--slurm", "time=20"],
                             cwd=REPO, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    job = re.search(r"job\(s\) (\d+)", line)
-    assert job, line + proc.stderr.read()[-2000:]
+    seen = ""
+    while not (job := re.search(r"job\(s\) (\d+)", seen)) and proc.poll() is None:  # after the plan
+        seen += proc.stdout.readline()
+    assert job, seen + proc.stderr.read()[-2000:]
     job = job.group(1)
     ckpt = results / "runs" / "1" / "checkpoint.pt"
     wait_for(ckpt, proc, timeout=300)

@@ -363,7 +363,7 @@ def test_study_bad_input(tmp_path, capsys, monkeypatch):
              (["study", "mask_ratio", "--dataset", "synthetic", "--workers", "0"], "--workers"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--heartbeat", "inf"], "--heartbeat"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--set", "lr=-1"], "lr"),
-             (["study", "mask_ratio", "--dataset", "synthetic", "--methods", "nope"], "--methods nope: not a method"),
+             (["study", "mask_ratio", "--dataset", "synthetic", "--methods", "nope"], "unknown method 'nope'"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--values", "depth=2"], "has no axis 'depth'"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--values", "mask_ratio"], "expected AXIS=V1,V2"),
              (["study", "mask_ratio", "--dataset", "synthetic", "--values", "mask_ratio=0.5,1.5"],
