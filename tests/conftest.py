@@ -1,6 +1,16 @@
+import os
+
 import pytest
+import torch
 
 from bench.data.sources import load_dataset
+
+# Each test worker (pytest-xdist) and every process a test starts gets its share of the cores:
+# two workers each spinning two OpenMP threads on two cores would mostly wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    SHARE = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ.setdefault("OMP_NUM_THREADS", SHARE)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
