@@ -19,6 +19,7 @@ FREE_TEXT = {
     "device": ("gpu7", "--device 'gpu7' is not a device"),
     "data": ("{tmp}/nowhere.tar.gz", "nowhere.tar.gz"),
     "cache_dir": ("{tmp}/a_file/cache", "cache directory"),
+    "unlabeled_data": ("{tmp}/nowhere", "--unlabeled-data {tmp}/nowhere: no such file or directory"),
     "results_dir": ("{tmp}/a_file/results", "results directory"),
     "mongo": ("mongodb://127.0.0.1:1/x", "mongo"),
     "split_file": ("{tmp}/nowhere.txt", "--split-file {tmp}/nowhere.txt: cannot read it"),

@@ -18,7 +18,6 @@ from bench.data.store.build import decode_resized
 from builders import WNIDS, write_imagenet_tree
 from helpers import REPO, bench, bench_env, load_json, run_dirs, wait_for
 
-pytestmark = pytest.mark.xdist_group("imagenet")  # its session trees are built once, on one worker
 SIDE = 48
 TINY = ["--preset", "smoke", "--no-progress", "--image-side", str(SIDE), "--img-size", "32", "--patch-size", "8",
         "--eval-every", "10", "--ckpt-every", "10", "--log-every", "5"]

@@ -15,7 +15,6 @@ from bench.distributed.world import check_devices, expand_hostlist, first_host, 
 from bench.errors import UsageError
 from helpers import REPO, bench_env, load_json, run_dirs, wait_for
 
-pytestmark = pytest.mark.xdist_group("distributed")  # its expensive fixture is built once, on one worker
 
 SMOKE = ["--preset", "smoke", "--no-progress", "--device", "cpu", "--dist-timeout", "30", "--steps", "40",
          "--eval-every", "20", "--ckpt-every", "20", "--log-every", "5"]

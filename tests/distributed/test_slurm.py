@@ -25,7 +25,7 @@ def slurm_up() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.skipif(not REQUIRED and not slurm_up(), reason="no SLURM cluster here"),
+pytestmark = [pytest.mark.skipif(not REQUIRED and not slurm_up(), reason="no SLURM cluster here"),
               pytest.mark.skipif(not REQUIRED and importlib.util.find_spec("submitit") is None, reason="no submitit")]
 FAST = ["--preset", "smoke", "--no-progress", "--set", "eval_every=10", "--set", "log_every=5"]
 

@@ -6,8 +6,7 @@ import pytest
 from builders import real_cifar10_subset
 from helpers import SHARED_CIFAR10, bench, load_json, run_dirs
 
-pytestmark = [pytest.mark.xdist_group("real_data"),  # its subset is built once, on one worker
-              pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="real CIFAR-10 copy not present")]
+pytestmark = [pytest.mark.skipif(not SHARED_CIFAR10.exists(), reason="real CIFAR-10 copy not present")]
 CLASSES = ("automobile", "frog", "horse", "ship")
 # A small, fast model and a short budget; every recipe value (smoothing, views, thresholds, gate)
 # stays the cpu preset's.

@@ -11,7 +11,6 @@ from bench.data.sources import load_for
 from bench.model.vit_mae import build_model
 from helpers import bench, load_json, run_dirs
 
-pytestmark = pytest.mark.xdist_group("export")  # its expensive fixture is built once, on one worker
 
 
 @pytest.fixture(scope="module")

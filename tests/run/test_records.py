@@ -9,7 +9,6 @@ import pytest
 
 from helpers import REPO, bench, load_json, run_dirs
 
-pytestmark = pytest.mark.xdist_group("records")  # its expensive fixture is built once, on one worker
 
 
 @pytest.fixture(scope="module")

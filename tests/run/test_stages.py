@@ -15,7 +15,6 @@ from bench.run.stages import plan, stage_key
 from conftest import SHORT as SHORT_ARGS
 from helpers import bench, load_json, run_dirs, smoke_trainer
 
-pytestmark = pytest.mark.xdist_group("shared_start")  # its expensive fixture is built once, on one worker
 
 
 def stage_cfgs(method: str, preset: str = "fast", **cli) -> dict:
