@@ -1,12 +1,9 @@
 """Studies end to end: the grid runs once per cell, reruns skip finished cells, interrupted and
-killed workers are retried, concurrent workers (journal and PostgreSQL) never duplicate a cell,
-a failing cell is recorded and skipped, and the report equals a hand computation."""
+killed workers are retried, a failing cell is recorded and skipped, and the report equals a hand
+computation."""
 import signal
 import statistics
-import subprocess
-import sys
 import time
-import uuid
 
 import optuna
 import pandas as pd
@@ -14,61 +11,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from helpers import REPO, assert_rejected, bench, kill, load_json, run_cli, run_dirs, start_bench
-
-FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
-        "--set", "ckpt_every=10", "--set", "log_every=5"]
-
-
-def write_study(tmp_path, seeds=2, lrs=(0.002, 0.004)):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"""
-description: a 2 x 2 grid for tests
-methods: [supervised]
-axes:
-  label_fraction: {{values: [0.2, 0.4]}}
-  lr: {{values: [{', '.join(map(str, lrs))}]}}
-seeds: {seeds}
-metric: test_acc_ema
-figure: {{kind: line, x: label_fraction, hue: lr}}
-""")
-    return path
-
-
-def trials(storage, name):
-    if "://" not in str(storage):
-        from optuna.storages.journal import JournalFileBackend
-        storage = optuna.storages.JournalStorage(JournalFileBackend(str(storage)))
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-
-
-def completed_per_cell(ts):
-    counts = {}
-    for t in ts:
-        if t.state == TrialState.COMPLETE:
-            counts[t.user_attrs["cell"]] = counts.get(t.user_attrs["cell"], 0) + 1
-    return counts
-
-
-def completed_runs(results):
-    # a run directory exists a moment before its record: polled mid-study, it is not complete yet
-    return [r for r in run_dirs(results)
-            if (r / "run.json").exists() and load_json(r / "run.json").get("status") == "COMPLETED"]
-
-
-def start_study_until(args, tmp_path, ready, timeout=300):
-    """Start `bench study args` and return its process once `ready()` holds."""
-    proc = start_bench(args, tmp_path / "cache")
-    deadline = time.time() + timeout
-    while not ready():
-        assert time.time() < deadline and proc.poll() is None, "the study did not get going"
-        time.sleep(0.1)
-    return proc
-
-
-def running_with_checkpoint(results):
-    return [r for r in run_dirs(results) if (r / "checkpoint.pt").exists()
-            and (r / "run.json").exists() and load_json(r / "run.json").get("status") == "RUNNING"]
+from helpers import assert_rejected, bench, kill, load_json, run_cli, run_dirs
+from grids import (FAST, completed_per_cell, completed_runs, running_with_checkpoint, start_study_until, trials,
+                   write_study)
 
 
 def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
@@ -298,62 +243,6 @@ def test_ctrl_c_stops_a_study_cleanly_and_a_rerun_resumes_it(tmp_path):
     assert load_json(run / "info.json")["resumed_from_step"] == step
 
 
-@pytest.fixture
-def postgres():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres",
-                                connect_timeout=3, autocommit=True)
-    except psycopg.OperationalError as e:
-        pytest.skip(f"PostgreSQL not reachable at 127.0.0.1:5432: {e}")
-    name = f"ssvit_test_{uuid.uuid4().hex[:10]}"
-    admin.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
-
-
-def _concurrent(tmp_path, storage, workers=3, kill_one=False):
-    study, results = write_study(tmp_path, seeds=1), tmp_path / "results"
-    args = ["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results),
-            # a beat short enough to notice a killed worker within seconds, yet a worker starved
-            # by a loaded machine for a few seconds must not look dead (grace = 4 beats)
-            "--heartbeat", "1.5" if kill_one else "5", *(["--storage", storage] if storage else [])]
-    bench(["run", "supervised", "--preset", "smoke", "--steps", "1", "--results-dir", str(tmp_path / "warm"),
-           "--no-progress"], tmp_path / "cache")  # decode the data once, before the race
-    procs = [start_bench(args, tmp_path / "cache") for _ in range(workers)]
-    if kill_one:
-        deadline = time.time() + 300
-        while not any((r / "checkpoint.pt").exists() for r in run_dirs(results)):
-            assert time.time() < deadline
-            time.sleep(0.1)
-        kill(procs[0], signal.SIGKILL)
-    for p in procs[kill_one:]:
-        p.wait(timeout=900)
-        assert p.returncode == 0, p.stderr.read()[-3000:]
-    ts = trials(storage or results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
-    assert sorted(completed_per_cell(ts).values()) == [1] * 4   # every cell exactly once
-    # a withdrawn or lost claim never looks like a result on a dashboard (test_claims shows both)
-    assert all(t.value is None for t in ts if t.state != TrialState.COMPLETE)
-    return ts, results
-
-
-def test_concurrent_workers_on_the_journal_run_each_cell_once(tmp_path):
-    _, results = _concurrent(tmp_path, None)
-    assert len(completed_runs(results)) == 4
-
-
-def test_concurrent_workers_on_postgresql_run_each_cell_once(tmp_path, postgres):
-    _, results = _concurrent(tmp_path, postgres)
-    assert len(completed_runs(results)) == 4
-
-
-def test_killed_worker_on_postgresql_has_its_cell_retried(tmp_path, postgres):
-    ts, results = _concurrent(tmp_path, postgres, workers=2, kill_one=True)
-    summary = pd.read_csv(results / "reports" / "tiny" / "synthetic-smoke" / "summary.csv")
-    assert (summary["n"] == 1).all()  # no cell counted twice
-
-
 def test_study_bad_input(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [supervised]\naxes: {lr: {values: []}}\n")
@@ -376,127 +265,6 @@ def test_study_bad_input(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
-def test_tune_saves_a_preset_that_run_accepts(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("lr: {low: 0.001, high: 0.004, log: true}\ntau: {choices: [0.3, 0.95]}\n")
-    results, published = tmp_path / "results", tmp_path / "published"
-    args = ["tune", "fixmatch", "--preset", "smoke", "--space", str(space), "--set", "steps=20",
-            "--set", "eval_every=10", "--results-dir", str(results), "--no-progress", "--report-dir", str(published)]
-    out = bench([*args, "--trials", "3"], tmp_path / "cache", timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    preset = results / "tuned" / "fixmatch-synthetic.yaml"
-    import yaml
-    values = yaml.safe_load(preset.read_text())
-    assert values["steps"] == 20 and values["depth"] == 2
-    run = bench(["run", "fixmatch", "--preset", str(preset), "--results-dir", str(tmp_path / "r2"),
-                 "--no-progress"], tmp_path / "cache")
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert load_json(run_dirs(tmp_path / "r2")[0] / "config.json")["lr"] == values["lr"]
-
-    # the search lives in its folder: trials, figures, best preset; a rerun adds only what --trials lacks
-    folder = published / "tune" / "fixmatch-synthetic-smoke"
-    assert yaml.safe_load((folder / "best.yaml").read_text()) == values
-    frame = pd.read_csv(folder / "trials.csv")
-    assert len(frame) == 3 and set(frame["state"]) <= {"COMPLETE", "PRUNED"}
-    # the median pruner waits for 3 trials before it prunes: the first ones complete
-    done = frame[frame["state"] == "COMPLETE"]
-    assert len(done) >= 1
-    from bench.study.report import pseudo_label_health
-    for _, t in done.iterrows():  # each trial's draw is the run's config; its admission, the run's curve's
-        run = results / "runs" / str(int(t["user_attrs_run_id"]))
-        assert load_json(run / "config.json")["lr"] == pytest.approx(t["params_lr"])
-        health = pseudo_label_health(load_json(run / "metrics.json"), load_json(run / "run.json")["result"]["steps"])
-        assert t["user_attrs_pl_rate"] == pytest.approx(health["pl_rate"])
-    best = done.loc[done["value"].idxmax()]
-    assert values["lr"] == pytest.approx(best["params_lr"])      # the preset written is the best trial's
-    # a best trial that admits almost nothing (a supervised run in disguise) is flagged
-    best_rate = best["user_attrs_pl_rate"]
-    assert ("warning: the best trial admitted" in out.stdout) == (best_rate < 0.01), (best_rate, out.stdout)
-    never = tmp_path / "never.yaml"  # a tau no 20-step model reaches: the flagged case, every time
-    never.write_text("tau: {choices: [0.999]}\n")
-    flagged = bench(["tune", "fixmatch", "--preset", "smoke", "--space", str(never), "--set", "steps=20",
-                     "--set", "eval_every=10", "--results-dir", str(tmp_path / "r3"), "--no-progress", "--trials", "1"],
-                    tmp_path / "cache", timeout=600)
-    assert flagged.returncode == 0, flagged.stderr[-3000:]
-    assert "warning: the best trial admitted 0.0 % of the unlabeled images" in flagged.stdout, flagged.stdout
-    for name in ("history.png", "curves.png", "importance.png"):
-        assert (folder / name).stat().st_size > 0, name
-    assert len(run_dirs(results)) == 3
-
-    # the comparison study beside it: variant `preset` is the preset's own run, `tuned` what best.yaml runs
-    from bench.config import differing_keys, resolve
-    from bench.method.base import get_method
-    from bench.study.spec import load_study
-    compare = folder / "tuned_fixmatch.yaml"
-    assert f"bench study {compare}" in out.stdout
-    spec = load_study(str(compare))
-    assert spec.compare_to == {"variant": "preset"} and spec.seeds == 2 and spec.metric == "test_acc"
-    configs = {}
-    for cell in spec.cells():
-        configs[cell.variant, cell.seed] = cfg = spec.config(cell, "synthetic", spec.preset, {})
-        own = {"preset": str(preset)} if cell.variant == "tuned" else {
-            "preset": "smoke", "cli": {"steps": 20, "eval_every": 10}}
-        want = resolve(get_method("fixmatch"), preset=own["preset"],
-                       cli={**own.get("cli", {}), "seed": cell.seed, "dataset": "synthetic"})
-        assert set(differing_keys(cfg, want)) <= {"preset"}, cell  # the same run; only the preset's name differs
-    assert "lr" in differing_keys(configs["tuned", 0], configs["preset", 0])
-    paired = bench(["study", str(compare), "--values", "seed=0", "--results-dir", str(results), "--no-progress",
-                    "--report-dir", str(published)], tmp_path / "cache", timeout=600)
-    assert paired.returncode == 0, paired.stderr[-3000:]
-    diffs = pd.read_csv(published / "tuned_fixmatch" / "synthetic-smoke" / "differences.csv")
-    assert diffs["variant"].tolist() == ["tuned"] and diffs["n_pairs"].tolist() == [1], diffs
-    assert len(run_dirs(results)) == 5
-    # a piece of a search: --stop-after starts no trial once its minutes are spent (here after the
-    # first); the resumed sampler draws new configs instead of replaying the first process's
-    again = bench([*args, "--trials", "5", "--stop-after", "0.001"], tmp_path / "cache", timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "3 of 5 trials finished; running 2" in again.stdout
-    assert "stopped after 0.001 minutes (--stop-after): 4 of 5 trials finished" in again.stdout
-    frame = pd.read_csv(folder / "trials.csv")
-    assert len(run_dirs(results)) == 6 and len(frame) == 4
-    assert frame["params_lr"].iloc[3] not in set(frame["params_lr"].iloc[:3]), frame["params_lr"]
-
-    # a tuner killed mid-trial: its trial goes silent, is failed on the next start, and retried
-    proc = start_bench([*args, "--set", "steps=2000", "--trials", "5", "--heartbeat", "0.5"], tmp_path / "cache")
-    deadline = time.time() + 300
-    while len(run_dirs(results)) < 7:
-        assert time.time() < deadline and proc.poll() is None, "the fifth trial did not start"
-        time.sleep(0.2)
-    kill(proc, signal.SIGKILL)
-    time.sleep(2.5)
-    resumed = bench([*args, "--trials", "5", "--heartbeat", "0.5"], tmp_path / "cache", timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    states = pd.read_csv(folder / "trials.csv")["state"].tolist()
-    assert states.count("FAIL") == 1 and sum(s in ("COMPLETE", "PRUNED") for s in states) == 5
-
-
-def test_a_pruned_trial_records_its_run_as_pruned_not_failed(tmp_path, monkeypatch):
-    """What `bench tune`'s objective does at a validation the pruner rejects: the run stops at that
-    step and its record says PRUNED, with no failure trace, so no browse of the runs shows failures."""
-    from bench.config import resolve
-    from bench.method.base import get_method
-    from bench.run.runner import execute
-    from bench.study.tune import Pruned
-    monkeypatch.setenv("SSVIT_CACHE", str(tmp_path / "cache"))
-    cfg = resolve(get_method("supervised"), preset="smoke", cli={
-        "steps": 40, "eval_every": 10, "results_dir": str(tmp_path / "r"), "progress": False})
-    seen = []
-
-    def prune(step, val):
-        seen.append(step)
-        if step == 20:
-            raise Pruned(f"pruned at step {step}")
-
-    with pytest.raises(optuna.TrialPruned):
-        execute(cfg, on_validation=prune, log=lambda *a: None)
-    assert seen == [10, 20]
-    (run,) = run_dirs(tmp_path / "r")
-    record = load_json(run / "run.json")
-    assert record["status"] == "PRUNED" and not record.get("fail_trace"), record.get("fail_trace")
-    info = load_json(run / "info.json")
-    assert "failure" not in info and info["stopped"] == "Pruned: pruned at step 20", info
-
-
 def test_study_shows_the_running_cells_step_accuracy_and_eta(tmp_path):
     study = tmp_path / "one.yaml"
     study.write_text("methods: [supervised]\naxes: {lr: {values: [0.002]}}\nseeds: 1\n")
@@ -508,55 +276,3 @@ def test_study_shows_the_running_cells_step_accuracy_and_eta(tmp_path):
     shown = [line for line in frames.splitlines() if "supervised|lr=0.002|seed=0" in line and "/300" in line]
     assert shown and any("eta=" in line for line in shown), frames[-3000:]
     assert any("val=" in line for line in shown), frames[-3000:]
-
-
-def test_no_password_is_ever_printed_or_recorded(tmp_path, postgres):
-    secret = "s3cr3t-pw"
-    url = postgres.replace("postgres@", f"postgres:{secret}@")  # trust auth: the password is not checked
-    results = tmp_path / "results"
-    out = bench(["tune", "supervised", "--preset", "smoke", "--trials", "1", "--storage", url, "--set", "steps=10",
-                 "--set", "eval_every=10", "--results-dir", str(results), "--no-progress"],
-                tmp_path / "cache", timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert secret not in out.stdout + out.stderr and "postgres:***@" in out.stdout
-    for path in results.rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".txt", ".yaml", ".csv"):
-            assert secret not in path.read_text(errors="ignore"), path
-
-
-JOIN = """
-import sys, time
-from pathlib import Path
-from bench.study.storage import open_storage          # imports done before the start signal
-import optuna
-go = Path(sys.argv[2])
-while not go.exists():
-    time.sleep(0.001)
-storage = open_storage(sys.argv[1])
-optuna.create_study(study_name="race", storage=storage, load_if_exists=True)
-print("joined")
-"""
-
-
-def test_workers_released_together_on_a_fresh_database_all_join(tmp_path, postgres):
-    """Optuna's own RDBStorage races to create its schema (IntegrityError on pg_type); the
-    suite creates it once under a database lock, so every worker joins, every time."""
-    import psycopg
-    base, workers = postgres.rsplit("/", 1)[0], 8
-    admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True)
-    for round_ in range(3):
-        name = f"ssvit_race_{uuid.uuid4().hex[:10]}"
-        admin.execute(f"CREATE DATABASE {name}")
-        try:
-            go = tmp_path / f"go{round_}"
-            procs = [subprocess.Popen([sys.executable, "-c", JOIN, f"{base}/{name}", str(go)], cwd=REPO,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for _ in range(workers)]
-            time.sleep(8)  # every worker has imported and waits for the start
-            go.touch()
-            outs = [p.communicate(timeout=120) for p in procs]
-            failed = [err[-600:] for p, (out, err) in zip(procs, outs) if p.returncode != 0 or "joined" not in out]
-            assert not failed, f"round {round_}: {len(failed)} of {workers} workers failed: {failed[0]}"
-        finally:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
