@@ -52,3 +52,15 @@ def shared_start(tmp_path_factory):
         assert out.returncode == 0, (name, out.stderr[-3000:])
         runs[name] = run_dirs(root / where)[-1]
     return {"root": root, "cache": cache, "runs": runs}
+
+
+# The longest files start first, so the two test workers (pytest-xdist, a file per worker) end
+# together: a long file handed out last would run alone at the end.
+LONGEST_FIRST = ("study/test_study.py", "distributed/test_distributed.py", "data/test_imagenet.py",
+                 "study/test_study_workers.py", "distributed/test_slurm.py", "method/test_real_data.py",
+                 "run/test_stages.py", "study/test_compare.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("tests/"), len(rank)))

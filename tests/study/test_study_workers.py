@@ -73,6 +73,7 @@ JOIN = """
 import sys, time
 from pathlib import Path
 from bench.study.storage import open_storage          # imports done before the start signal
+import optuna
 go = Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.001)
