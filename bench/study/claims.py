@@ -21,6 +21,12 @@ from optuna.trial import FrozenTrial, TrialState
 HEARTBEATS_OF_GRACE = 4
 
 
+def last_sign_of_life(t: FrozenTrial) -> float:
+    """A trial's last heartbeat; a trial another worker has just asked for has none yet, and its
+    start stands in (else a sweep of stale trials between `ask` and the first beat fails it)."""
+    return t.system_attrs.get("heartbeat") or t.datetime_start.timestamp()
+
+
 @dataclass
 class Board:
     """Every cell's trials, read from the storage at one instant."""
@@ -29,7 +35,7 @@ class Board:
     grace: float
 
     def live(self, t: FrozenTrial) -> bool:
-        return t.state == TrialState.RUNNING and self.now - t.system_attrs.get("heartbeat", 0) <= self.grace
+        return t.state == TrialState.RUNNING and self.now - last_sign_of_life(t) <= self.grace
 
     def done(self, key: str) -> bool:
         return any(t.state == TrialState.COMPLETE for t in self.trials.get(key, []))
@@ -123,7 +129,7 @@ def finish(study: optuna.Study, trial, state: TrialState, value: float | None = 
 def fail_stale(study: optuna.Study, grace: float, reason: str) -> int:
     """Fail every running trial whose heartbeat stopped (its worker or tuner died); how many."""
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if time.time() - t.system_attrs.get("heartbeat", 0) > grace]
+             if time.time() - last_sign_of_life(t) > grace]
     for t in stale:
         finish(study, t, TrialState.FAIL, reason=reason)
     return len(stale)

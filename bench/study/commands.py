@@ -94,6 +94,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
                       workers=args.workers, heartbeat=args.heartbeat, progress=args.progress,
                       gpus_per_trial=args.gpus_per_trial, plugins=tuple(args.plugin))
         # the seeds a full report lists: a cut to some seeds never shrinks what earlier runs hold
+        sweep.study.set_user_attr("preset", f"{preset} ({preset_note})" if preset_note else preset)
         sweep.study.set_user_attr("seeds", max(sweep.study.user_attrs.get("seeds", 0),
                                                max(c.seed for c in cells) + 1))
         try:

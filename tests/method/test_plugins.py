@@ -32,6 +32,10 @@ def test_a_plugin_method_runs_in_a_study_beside_a_shipped_one(tmp_path):
     assert "plugin_sha256" not in load_json(runs["fixmatch"] / "config.json")
     metrics = load_json(runs["pseudo_label"] / "metrics.json")
     assert "train.pl_rate" in metrics and "train.ramp" in metrics  # the engine's logging reached it
+    alone = bench(["run", "pseudo_label", "--plugin", str(EXAMPLE), "--preset", "smoke", "--no-progress",
+                   "--steps", "10", "--results-dir", str(tmp_path / "alone")], tmp_path / "cache", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert load_json(run_dirs(tmp_path / "alone")[0] / "info.json")["plugin"]["sha256"] == sha
 
 
 BROKEN = {

@@ -48,3 +48,13 @@ def test_a_heartbeat_keeps_a_long_trial_alive(study):
         assert claims.read_board(study, grace=0.6).busy("m|seed=0")
     time.sleep(0.8)
     assert claims.fail_stale(study, 0.6, "lost") == 1   # beats stopped with the block
+
+
+def test_a_trial_just_asked_for_is_not_taken_for_a_dead_worker(study):
+    """Between another worker's `ask` and its first heartbeat, its trial has no heartbeat yet: the
+    trial's start is its first sign of life, so a sweep of stale trials leaves it running."""
+    trial = study.ask()  # no beat yet, as inside claim()
+    assert claims.fail_stale(study, 30.0, "worker lost") == 0
+    assert study.get_trials(deepcopy=False)[trial.number].state == TrialState.RUNNING
+    time.sleep(0.3)
+    assert claims.fail_stale(study, 0.2, "worker lost") == 1  # and it does go stale in time
