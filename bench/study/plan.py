@@ -15,14 +15,14 @@ import platform
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from bench.io import atomic_write_text
-from bench.method.base import Pass, get_method
+from bench.method.base import get_method
 from bench.model.vit_mae import build_model
-from bench.run.stages import plan as stage_plan
+from bench.run.stages import plan as stage_plan, stage_key
 
 # test images each evaluation reads, where a dataset's size is known without reading it
 TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 50_000}
@@ -119,8 +119,8 @@ def cell_parts(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     k, tests = num_classes_of(cfg), test_images_of(cfg)
     parts, previous = [], ""
     for p in stage_plan(cfg, method_cls):
-        key = json.dumps({"stage": p.stage.name, "previous": previous, "cfg": _stage_identity(p.cfg, p.method_cls)},
-                         sort_keys=True, default=str)
+        # the run's own stage key, with the data and split named by the config (no data is read)
+        key = stage_key(p.cfg, p.method_cls, previous, f"{cfg['dataset']}:{cfg.get('data')}", split_of(cfg))
         previous = key
         flops = p.cfg["steps"] * step_flops(p.cfg, p.method_cls, k)
         if p.method_cls.classifies:
@@ -133,11 +133,10 @@ def cell_parts(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
-def _stage_identity(scfg: dict[str, Any], method_cls) -> dict[str, Any]:
-    from bench.config import IDENTITY_EXCLUDED
-    from bench.run.stages import MECHANICS_KEYS, SPLIT_KEYS
-    ignored = IDENTITY_EXCLUDED | MECHANICS_KEYS | {"preset"} | (set() if method_cls.uses_labeled else SPLIT_KEYS)
-    return {k: v for k, v in scfg.items() if k not in ignored} | {"data": scfg.get("data")}
+def split_of(cfg: dict[str, Any]) -> str:
+    """The split options of a config, standing in for the split's hash."""
+    from bench.run.stages import SPLIT_KEYS
+    return json.dumps({k: cfg.get(k) for k in sorted(SPLIT_KEYS | {"seed"})}, default=str)
 
 
 # -- the device's rate -------------------------------------------------------------------------

@@ -105,17 +105,23 @@ def test_only_rank_zero_writes(pairs, method):
     assert files(pairs[method][2]) == files(pairs[method][1])
 
 
+def two_ranks_until_checkpoint(args, results, cache):
+    """A two-rank `bench run` started in the background, returned once its first checkpoint exists."""
+    launcher = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", *args, "--results-dir", str(results),
+                                 "--nproc", "2"], cwd=REPO, env={**bench_env(cache), "OMP_NUM_THREADS": "1"},
+                                stderr=subprocess.PIPE, text=True)
+    ckpt = results / "runs" / "1" / "checkpoint.pt"
+    wait_for(ckpt, launcher, timeout=300)
+    return launcher, ckpt
+
+
 def test_a_killed_rank_fails_the_run_in_bounded_time_and_resume_finishes_it(tmp_path):
     args = ["supervised", "--preset", "smoke", "--no-progress", "--device", "cpu", "--dist-timeout", "20",
             "--steps", "400", "--ckpt-every", "20", "--eval-every", "100", "--log-every", "10"]
     cache = tmp_path / "cache"
     reference = run([*args, "--results-dir", str(tmp_path / "a")], cache, nproc=2)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    launcher = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", *args, "--results-dir",
-                                 str(tmp_path / "b"), "--nproc", "2"], cwd=REPO,
-                                env={**bench_env(cache), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
-    ckpt = tmp_path / "b" / "runs" / "1" / "checkpoint.pt"
-    wait_for(ckpt, launcher, timeout=300)
+    launcher, ckpt = two_ranks_until_checkpoint(args, tmp_path / "b", cache)
     rank1 = next(pid for pid in child_pids(launcher.pid) if "RANK=1" in environ(pid))
     os.kill(rank1, signal.SIGKILL)
     killed = time.time()
@@ -144,11 +150,7 @@ def test_a_two_rank_run_stopped_by_ctrl_c_resumes_on_one_rank(tmp_path):
     cache = tmp_path / "cache"
     whole = run([*args, "--results-dir", str(tmp_path / "a")], cache, nproc=2)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    launcher = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", *args, "--results-dir",
-                                 str(tmp_path / "b"), "--nproc", "2"], cwd=REPO,
-                                env={**bench_env(cache), "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
-    ckpt = tmp_path / "b" / "runs" / "1" / "checkpoint.pt"
-    wait_for(ckpt, launcher, timeout=300)
+    launcher, ckpt = two_ranks_until_checkpoint(args, tmp_path / "b", cache)
     launcher.send_signal(signal.SIGINT)
     launcher.wait(timeout=120)
     assert launcher.returncode == 130, launcher.stderr.read()[-2000:]
