@@ -26,7 +26,7 @@ from bench.data.dataset import CIFAR10_CLASSES, DATASETS, IMAGE_SUFFIXES, Datase
 from bench.errors import UsageError
 from bench.io import atomic_write, ensure_writable_dir, file_digest
 
-MIRROR = os.environ.get("SSVIT_MIRROR", "https://www.cs.toronto.edu/~kriz/")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 
 
 @dataclass(frozen=True)
@@ -142,29 +142,28 @@ def download(name: str, cache_dir: Path, progress: bool = True) -> Path:
     """The official archive of `name` in `<cache>/downloads` (SVHN: the folder of its .mat files),
     fetched and md5-checked if absent."""
     if name == "stl10":
-        return _download_file(stl10.URL, stl10.FILENAME, stl10.MD5, cache_dir, progress)
+        return _download_file(stl10.URL, stl10.FILENAME, stl10.MD5, cache_dir / "downloads", progress)
     if name in ("svhn", "svhn_extra"):
+        folder = cache_dir / "downloads" / "svhn"
         for part in svhn.parts_of(name):
-            _download_file(svhn.URL, *svhn.FILES[part], cache_dir / "downloads", progress, folder="svhn")
-        return cache_dir / "downloads" / "svhn"
+            _download_file(svhn.URL, *svhn.FILES[part], folder, progress, also="(its folder, for SVHN)")
+        return folder
     if name not in CIFAR:
         raise UsageError(f"--dataset {name} is not downloaded; give --data PATH")
     spec = CIFAR[name]
-    dest = cache_dir / "downloads" / spec.filename
-    if dest.is_file() and file_digest(dest, "md5") == spec.md5:
-        return dest
-    fetch(MIRROR.rstrip("/") + "/" + spec.filename, dest, spec.md5, progress,
-          hint=f"offline? pass --data PATH to {spec.filename} (or an image-folder copy) instead")
-    return dest
+    return _download_file(CIFAR_URL, spec.filename, spec.md5, cache_dir / "downloads", progress,
+                          also="(or an image-folder copy)")
 
 
-def _download_file(base: str, filename: str, md5: str, cache_dir: Path, progress: bool, folder: str = "") -> Path:
-    dest = cache_dir / "downloads" / folder / filename if folder else cache_dir / "downloads" / filename
+def _download_file(base: str, filename: str, md5: str, folder: Path, progress: bool, also: str = "") -> Path:
+    """`folder/filename`, fetched from `base` (or from $SSVIT_MIRROR, one mirror serving every
+    official file name) unless a copy with the right md5 is already there."""
+    dest = folder / filename
     if dest.is_file() and file_digest(dest, "md5") == md5:
         return dest
-    mirror = os.environ.get("SSVIT_MIRROR")  # one mirror serving every official file name
+    mirror = os.environ.get("SSVIT_MIRROR")
     fetch((mirror or base).rstrip("/") + "/" + filename, dest, md5, progress,
-          hint=f"offline? pass --data PATH to {filename} (its folder, for SVHN) instead")
+          hint=f"offline? pass --data PATH to {filename} {also} instead".replace("  ", " "))
     return dest
 
 

@@ -148,12 +148,12 @@ def test_fetch_verifies_the_checksum(tmp_path):
 
 
 def test_offline_cifar_without_data_says_how_to_provide_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(datamod, "MIRROR", (tmp_path / "no-mirror").as_uri())
+    monkeypatch.setenv("SSVIT_MIRROR", (tmp_path / "no-mirror").as_uri())
     with pytest.raises(UsageError, match="cannot download .*cifar-100-python.tar.gz.*--data"):
         load_dataset("cifar100", None, tmp_path / "cache", progress=False)
     # a mirror serving a file with the wrong checksum (not the official archive) is refused
     build_cifar10(tmp_path)
-    monkeypatch.setattr(datamod, "MIRROR", tmp_path.as_uri())
+    monkeypatch.setenv("SSVIT_MIRROR", tmp_path.as_uri())
     with pytest.raises(UsageError, match="checksum mismatch"):
         load_dataset("cifar10", None, tmp_path / "cache", progress=False)
 

@@ -91,6 +91,19 @@ def test_downloads_are_checksummed_from_the_mirror(tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "downloads" / "stl10_binary.tar.gz").is_file() and d.unlabeled_only == 30
 
 
+def test_svhn_downloads_each_part_into_the_folder_it_loads(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    made = build_svhn(mirror, {"train": 20, "test": 10})
+    monkeypatch.setenv("SSVIT_MIRROR", mirror.as_uri())
+    for part in ("train", "test"):  # the official checksums name these files; the built ones differ
+        name = f"{part}_32x32.mat"
+        monkeypatch.setitem(sources.svhn.FILES, part, (name, hashlib.md5((mirror / name).read_bytes()).hexdigest()))
+    d = load_dataset("svhn", None, tmp_path / "cache", progress=False)
+    assert np.array_equal(d.train_x, made["train"][0]) and np.array_equal(d.test_y, made["test"][1])
+    assert sorted(p.name for p in (tmp_path / "cache" / "downloads" / "svhn").iterdir()) == \
+        ["test_32x32.mat", "train_32x32.mat"]
+
+
 def test_unlabeled_images_join_the_pool_and_key_the_split(tmp_path):
     folder = tmp_path / "extra" / "any" / "depth"
     folder.mkdir(parents=True)
