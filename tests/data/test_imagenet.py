@@ -362,7 +362,6 @@ def test_the_papers_studies_run_smoke_sized_on_an_imagenet_tree(tree, cache, tmp
 def test_auto_keeps_decoded_data_resident_and_streams_a_cache_too_big_for_memory(tmp_path):
     from bench.config import resolve
     from bench.method.base import get_method
-    from bench.run.stages import plan
     from bench.data.store import choose
     cpu = torch.device("cpu")
     assert choose("auto", 1 << 60, cpu, on_disk=False) == "resident"   # CIFAR is in memory already
