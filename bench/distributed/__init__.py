@@ -9,4 +9,4 @@ from bench.distributed.faults import stop_on_sigterm
 from bench.distributed.world import World, join, leave, pick_device, world, world_device
 
 __all__ = ["World", "all_cat", "all_cat_uneven", "all_sum", "average_gradients", "barrier", "broadcast", "broadcast_module", "join",
-           "leave", "shard", "stop_on_sigterm", "world", "world_device"]
+           "leave", "pick_device", "shard", "stop_on_sigterm", "world", "world_device"]

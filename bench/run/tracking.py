@@ -21,7 +21,7 @@ with warnings.catch_warnings():  # sacred imports the deprecated pkg_resources
     from sacred import SETTINGS, Experiment
 from sacred.host_info import HostInfoGetter
 from sacred.observers import FileStorageObserver
-from sacred.utils import SacredInterrupt  # a run stopped on purpose: Sacred records its STATUS
+from sacred.utils import SacredInterrupt  # noqa: F401  (re-exported: a run stopped on purpose, Sacred records its STATUS)
 from tqdm import tqdm
 
 from bench.run import provenance

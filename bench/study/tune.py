@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Any

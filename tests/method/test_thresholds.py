@@ -3,7 +3,6 @@ control draws the same random numbers as its run and trains no pseudo-label; an 
 true labels under the method's own admission mask, and is never a default."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

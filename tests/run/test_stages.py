@@ -123,7 +123,6 @@ def test_each_stage_starts_from_the_weights_the_stage_before_it_handed_on(shared
     """The encoder always arrives (SSMAE's reference silently fine-tuned from scratch, flaw F8);
     a head after MAE pretraining is re-drawn; Semi-ViT's stage 3 keeps stage 2's head, and its
     EMA teacher starts as a copy of the fine-tuned student (main_semi.py), not as stage 2's EMA."""
-    from bench.train import checkpoint
     runs = shared_start["runs"]
     pretrained, _ = stage_files(runs["mae_finetune"], "pretrain")
     init = load_json(runs["mae_finetune"] / "info.json")["init"]   # the fine-tune stage's, the run's own
