@@ -144,7 +144,10 @@ class Sweep:
         free = [c for c in open_cells if not board.busy(c.key)]
         if not free:
             return "wait" if open_cells else None
-        cell = random.choice(free)  # random: concurrent workers rarely collide
+        # one seed at a time (its cached stages serve its cells while they are warm, and a study
+        # stopped part-way holds whole seeds); random within it, so concurrent workers rarely collide
+        first = min(c.seed for c in open_cells)
+        cell = random.choice([c for c in free if c.seed == first] or free)
         trial = claims.claim(self.study, cell.key, self.grace)
         if trial is None:
             return "wait"

@@ -26,6 +26,12 @@ def test_study_runs_every_cell_once_and_reports_what_the_runs_hold(tmp_path):
     ts = trials(results / "studies" / "optuna.journal", "tiny:synthetic:smoke")
     assert sorted(completed_per_cell(ts).values()) == [1] * 8
     # (two workers colliding on a cell: test_claims)
+    # one seed at a time: no cell of seed 1 is claimed while one of seed 0 waits for a worker
+    numbers = {0: [], 1: []}
+    for t in ts:
+        if t.state == TrialState.COMPLETE:
+            numbers[t.params["seed"]].append(t.number)
+    assert max(numbers[0]) < min(numbers[1]), numbers
     for t in (t for t in ts if not t.user_attrs.get("withdrawn")):  # trial and run are cross-linked both ways
         info = load_json(results / "runs" / t.user_attrs["run_id"] / "info.json")
         assert info["optuna"]["trial"] == t.number and info["optuna"]["cell"] == t.user_attrs["cell"]
