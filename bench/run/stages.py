@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from bench.distributed import barrier, broadcast, world
+from bench.errors import UsageError
 from bench.io import atomic_write_text, read_json
 from bench.method.stage import Stage, stages_of
 from bench.run.link import StudyLink
@@ -77,8 +78,9 @@ def stage_config(cfg: dict[str, Any], stage: Stage, method_cls) -> dict[str, Any
     return scfg
 
 
-def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_hash: str, split_hash: str) -> str:
-    """Hash of everything that determines a stage's weights."""
+def stage_identity(scfg: dict[str, Any], method_cls) -> dict[str, Any]:
+    """The options of a stage's config that determine its weights (besides the data, the split
+    and the stage before it, which its key names by hash)."""
     from bench.config import IDENTITY_EXCLUDED
     # a split file counts by its content (its sha256 is in the split's hash), not by its path
     ignored = IDENTITY_EXCLUDED | MECHANICS_KEYS | {"preset", "split_file"}
@@ -86,11 +88,36 @@ def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_ha
         ignored |= {"label_fraction"}  # the file's share, derived from it
     if not method_cls.uses_labeled:
         ignored |= SPLIT_KEYS  # a label-free stage sees every training image, whatever the split
-        split_hash = ""
-    key = {k: v for k, v in scfg.items() if k not in ignored}
-    blob = json.dumps({"config": key, "previous": previous, "data": dataset_hash, "split": split_hash,
-                       "format": STAGE_FORMAT}, sort_keys=True, default=str)
+    return {k: v for k, v in scfg.items() if k not in ignored}
+
+
+def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_hash: str, split_hash: str) -> str:
+    """Hash of everything that determines a stage's weights."""
+    blob = json.dumps({"config": stage_identity(scfg, method_cls), "previous": previous, "data": dataset_hash,
+                       "split": split_hash if method_cls.uses_labeled else "", "format": STAGE_FORMAT},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def built_stages(results_dir: Path) -> set[str]:
+    """The identities (with the data they read, by name and path) of the stages finished under
+    `results_dir`: what a plan, which reads no data, can tell of its cache."""
+    from bench.method.base import get_method
+    built = set()
+    for info in sorted((Path(results_dir) / "stages").glob("*/stage.json")):
+        if not (info.parent / "final.pt").is_file():
+            continue
+        try:
+            scfg = read_json(info)["config"]
+            built.add(identity_text(scfg, get_method(scfg["method"])))
+        except (KeyError, ValueError, TypeError, UsageError):
+            continue  # a stage of a method not loaded here, or a file of another format
+    return built
+
+
+def identity_text(scfg: dict[str, Any], method_cls) -> str:
+    return json.dumps({**stage_identity(scfg, method_cls), "data": [scfg.get("dataset"), scfg.get("data")]},
+                      sort_keys=True, default=str)
 
 
 def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str, Any], bool]:

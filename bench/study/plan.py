@@ -22,7 +22,7 @@ import torch
 from bench.io import atomic_write_text
 from bench.method.base import get_method
 from bench.model.vit_mae import build_model
-from bench.run.stages import plan as stage_plan, stage_key
+from bench.run.stages import built_stages, identity_text, plan as stage_plan, stage_key
 
 # test images each evaluation reads, where a dataset's size is known without reading it
 TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 50_000}
@@ -112,21 +112,23 @@ def num_classes_of(cfg: dict[str, Any]) -> int:
             }.get(cfg["dataset"], 10)
 
 
-def cell_parts(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+def cell_parts(cfg: dict[str, Any], built: set[str] = frozenset()) -> list[dict[str, Any]]:
     """A cell's trainings: each earlier stage (with a key naming what it computes, so cells that
-    share it count it once) and the run's own training, each with its steps and FLOPs."""
+    share it count it once, and whether it is among the `built` stages' identities, it and every
+    stage before it) and the run's own training, each with its steps and FLOPs."""
     method_cls = get_method(cfg["method"])
     k, tests = num_classes_of(cfg), test_images_of(cfg)
-    parts, previous = [], ""
+    parts, previous, cached = [], "", True
     for p in stage_plan(cfg, method_cls):
         # the run's own stage key, with the data and split named by the config (no data is read)
         key = stage_key(p.cfg, p.method_cls, previous, f"{cfg['dataset']}:{cfg.get('data')}", split_of(cfg))
         previous = key
+        cached = cached and identity_text(p.cfg, p.method_cls) in built
         flops = p.cfg["steps"] * step_flops(p.cfg, p.method_cls, k)
         if p.method_cls.classifies:
             flops += eval_flops(p.cfg, k, tests)
         parts.append({"name": p.stage.name, "method": p.method_cls.name, "key": key, "steps": p.cfg["steps"],
-                      "flops": flops})
+                      "flops": flops, "cached": cached})
     if method_cls.own_training:
         parts.append({"name": "run", "method": method_cls.name, "key": None, "steps": cfg["steps"],
                       "flops": cfg["steps"] * step_flops(cfg, method_cls, k) + eval_flops(cfg, k, tests)})
@@ -236,10 +238,14 @@ def describe(spec, dataset: str, preset: str | None, preset_note: str, cells: li
                  + "".join(f" x {len(spec.axes[a]['values'])} {a}" for a in axes) + ")")
     stages: dict[str, dict[str, Any]] = {}
     total, todo, per_method = 0.0, 0.0, defaultdict(float)
-    for cell, cfg in zip(cells, cfgs):
+    built = built_stages(Path(cfgs[0].get("results_dir") or "results")) if cfgs else set()
+    # a stage not built is charged to the first cell still to run that needs it (a fresh machine
+    # resuming from run records rebuilds the stages of the cells it runs)
+    pending_first = sorted(zip(cells, cfgs), key=lambda pair: pair[0].key in recorded)
+    for cell, cfg in pending_first:
         seconds = CELL_START_S
-        for part in cell_parts(cfg):
-            t = OVERHEAD * part["flops"] / flop_per_s
+        for part in cell_parts(cfg, built):
+            t = 0.0 if part.get("cached") else OVERHEAD * part["flops"] / flop_per_s
             if part["key"] is not None:
                 if part["key"] in stages:
                     stages[part["key"]]["cells"] += 1
@@ -252,8 +258,10 @@ def describe(spec, dataset: str, preset: str | None, preset_note: str, cells: li
             todo += seconds
     shared = Counter((s["name"], s["method"], s["steps"]) for s in stages.values())
     for (name, method, steps), n in shared.items():
-        users = sum(s["cells"] for s in stages.values() if (s["name"], s["method"], s["steps"]) == (name, method, steps))
-        lines.append(f"  stages: {n} {name} ({method}, {steps:,} steps each), shared by {users} cells from the cache")
+        same = [s for s in stages.values() if (s["name"], s["method"], s["steps"]) == (name, method, steps)]
+        users, ready = sum(s["cells"] for s in same), sum(s["cached"] for s in same)
+        lines.append(f"  stages: {n} {name} ({method}, {steps:,} steps each), shared by {users} cells from the cache"
+                     + (f"; {ready} already built" if ready else ""))
     lines.append(f"  recorded: {len(recorded & {c.key for c in cells})} of {len(cells)} cells already finished")
     lines.append("  time by method (a shared stage counted once):")
     for method, n in by_method.items():

@@ -77,6 +77,12 @@ def test_a_run_study_plans_first_and_counts_what_is_recorded(tmp_path):
     assert "| mae_finetune" in first.stdout  # the table, printed at the end
     again = bench([*args, "--plan"], tmp_path / "cache", cwd=tmp_path)
     assert again.returncode == 0 and "recorded: 1 of 1 cells" in again.stdout, again.stdout + again.stderr
+    # the plan tells the stages already built from those still to train (a second seed's is not)
+    more = bench([*args, "--plan", "--seeds", "2"], tmp_path / "cache", cwd=tmp_path)
+    assert "stages: 2 pretrain (mae_pretrain, 5 steps each), shared by 2 cells from the cache; 1 already built" \
+        in more.stdout, more.stdout + more.stderr
+    elsewhere = bench([*args[:-1], str(tmp_path / "other"), "--plan", "--seeds", "2"], tmp_path / "cache", cwd=tmp_path)
+    assert "shared by 2 cells from the cache\n" in elsewhere.stdout, elsewhere.stdout
 
 
 def test_tune_plans_its_trials_and_writes_nothing(tmp_path):
