@@ -7,6 +7,9 @@ import numpy as np
 
 DATASETS = ("cifar10", "cifar100", "stl10", "svhn", "svhn_extra", "imagefolder", "imagenet", "synthetic")
 NO_FLIP = ("svhn", "svhn_extra")  # digits are not mirror-symmetric
+# the official datasets' classes and test images, for what is planned before any data is read
+OFFICIAL_SIZES = {"cifar10": (10, 10_000), "cifar100": (100, 10_000), "stl10": (10, 8_000),
+                  "svhn": (10, 26_032), "svhn_extra": (10, 26_032), "imagenet": (1000, 50_000)}
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # torchvision ImageFolder's own list: index files (Semi-ViT's CSVs) are positions in its order
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}

@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 
+from bench.data.dataset import OFFICIAL_SIZES
 from bench.io import atomic_write_text
 from bench.method.base import get_method
 from bench.model.vit_mae import build_model
 from bench.run.stages import built_stages, identity_text, plan as stage_plan, stage_key
 
-# test images each evaluation reads, where a dataset's size is known without reading it
-TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "imagenet": 50_000}
 RATE_FORMAT = 2  # bump when the rate's workload changes
 # What a run does beside its FLOPs (views, the store's gathers, evaluation bookkeeping, logging,
 # checkpoints): recorded minutes of `cpu` runs over their FLOP estimate at the measured rate
@@ -102,14 +101,16 @@ def eval_flops(cfg: dict[str, Any], num_classes: int, test_images: int | None) -
 
 
 def test_images_of(cfg: dict[str, Any]) -> int | None:
+    """The test images each evaluation reads, where the dataset's size is known without reading it."""
     if cfg["dataset"] == "synthetic":
         return cfg["synthetic_classes"] * cfg["synthetic_test_per_class"]
-    return TEST_IMAGES.get(cfg["dataset"])
+    return OFFICIAL_SIZES.get(cfg["dataset"], (None, None))[1]
 
 
 def num_classes_of(cfg: dict[str, Any]) -> int:
-    return {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": cfg.get("synthetic_classes", 10)
-            }.get(cfg["dataset"], 10)
+    if cfg["dataset"] == "synthetic":
+        return cfg["synthetic_classes"]
+    return OFFICIAL_SIZES.get(cfg["dataset"], (10, None))[0]  # an image folder's count is unknown until read
 
 
 def cell_parts(cfg: dict[str, Any], built: set[str] = frozenset()) -> list[dict[str, Any]]:
