@@ -146,13 +146,13 @@ def download(name: str, cache_dir: Path, progress: bool = True) -> Path:
     if name in ("svhn", "svhn_extra"):
         folder = cache_dir / "downloads" / "svhn"
         for part in svhn.parts_of(name):
-            _download_file(svhn.URL, *svhn.FILES[part], folder, progress, also="(its folder, for SVHN)")
+            _download_file(svhn.URL, *svhn.FILES[part], folder, progress, also=" (its folder, for SVHN)")
         return folder
     if name not in CIFAR:
         raise UsageError(f"--dataset {name} is not downloaded; give --data PATH")
     spec = CIFAR[name]
     return _download_file(CIFAR_URL, spec.filename, spec.md5, cache_dir / "downloads", progress,
-                          also="(or an image-folder copy)")
+                          also=" (or an image-folder copy)")
 
 
 def _download_file(base: str, filename: str, md5: str, folder: Path, progress: bool, also: str = "") -> Path:
@@ -163,7 +163,7 @@ def _download_file(base: str, filename: str, md5: str, folder: Path, progress: b
         return dest
     mirror = os.environ.get("SSVIT_MIRROR")
     fetch((mirror or base).rstrip("/") + "/" + filename, dest, md5, progress,
-          hint=f"offline? pass --data PATH to {filename} {also} instead".replace("  ", " "))
+          hint=f"offline? pass --data PATH to {filename}{also} instead")
     return dest
 
 

@@ -27,7 +27,6 @@ from typing import Any, Callable
 import torch
 
 from bench.distributed import barrier, broadcast, world
-from bench.errors import UsageError
 from bench.io import atomic_write_text, read_json
 from bench.method.stage import Stage, stages_of
 from bench.run.link import StudyLink
@@ -99,25 +98,11 @@ def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_ha
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def built_stages(results_dir: Path) -> set[str]:
-    """The identities (with the data they read, by name and path) of the stages finished under
-    `results_dir`: what a plan, which reads no data, can tell of its cache."""
-    from bench.method.base import get_method
-    built = set()
-    for info in sorted((Path(results_dir) / "stages").glob("*/stage.json")):
-        if not (info.parent / "final.pt").is_file():
-            continue
-        try:
-            scfg = read_json(info)["config"]
-            built.add(identity_text(scfg, get_method(scfg["method"])))
-        except (KeyError, ValueError, TypeError, UsageError):
-            continue  # a stage of a method not loaded here, or a file of another format
-    return built
-
-
-def identity_text(scfg: dict[str, Any], method_cls) -> str:
-    return json.dumps({**stage_identity(scfg, method_cls), "data": [scfg.get("dataset"), scfg.get("data")]},
-                      sort_keys=True, default=str)
+def built_stage_configs(results_dir: Path) -> list[dict[str, Any]]:
+    """The configs of the stages finished (final weights written) under `results_dir`."""
+    infos = (Path(results_dir) / "stages").glob("*/stage.json")
+    return [cfg for info in infos if (info.parent / "final.pt").is_file()
+            and isinstance(cfg := read_json(info).get("config"), dict)]
 
 
 def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str, Any], bool]:

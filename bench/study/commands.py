@@ -18,7 +18,7 @@ from bench.study.report import report_dir, write_report
 from bench.study.spec import StudySpec, load_study, parse_values
 from bench.study.claims import read_board
 from bench.study.storage import default_storage, open_storage, study_name
-from bench.study.plan import auto_preset, describe, device_rate
+from bench.study.plan import auto_preset, built_stages, describe, device_rate
 from bench.study.sweep import Sweep
 from bench.distributed.world import pick_device
 from bench.run.tracking import prepare_runs_dir
@@ -58,7 +58,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         cells = specs[dataset].cells(args.seeds)
         cfgs = [specs[dataset].config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}) for c in cells]
         recorded = recorded_cells(specs[dataset], dataset, preset, cells, cfgs, results_dir, args)
-        print(describe(specs[dataset], dataset, preset, preset_note, cells, cfgs, recorded,
+        print(describe(specs[dataset], dataset, preset, preset_note, cells, cfgs, recorded, built_stages(results_dir),
                        device_rate(pick_device(cfgs[0]["device"])), args.workers), flush=True)
     if args.plan:
         return 0

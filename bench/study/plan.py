@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from bench.data.dataset import OFFICIAL_SIZES
+from bench.errors import UsageError
 from bench.io import atomic_write_text
 from bench.method.base import get_method
 from bench.model.vit_mae import build_model
-from bench.run.stages import built_stages, identity_text, plan as stage_plan, stage_key
+from bench.run.stages import built_stage_configs, plan as stage_plan, stage_identity, stage_key
 
 RATE_FORMAT = 2  # bump when the rate's workload changes
 # What a run does beside its FLOPs (views, the store's gathers, evaluation bookkeeping, logging,
@@ -115,16 +116,16 @@ def num_classes_of(cfg: dict[str, Any]) -> int:
 
 def cell_parts(cfg: dict[str, Any], built: set[str] = frozenset()) -> list[dict[str, Any]]:
     """A cell's trainings: each earlier stage (with a key naming what it computes, so cells that
-    share it count it once, and whether it is among the `built` stages' identities, it and every
-    stage before it) and the run's own training, each with its steps and FLOPs."""
+    share it count it once, and whether it is `built`: it and every stage before it) and the run's
+    own training, each with its steps and FLOPs."""
     method_cls = get_method(cfg["method"])
     k, tests = num_classes_of(cfg), test_images_of(cfg)
     parts, previous, cached = [], "", True
     for p in stage_plan(cfg, method_cls):
         # the run's own stage key, with the data and split named by the config (no data is read)
-        key = stage_key(p.cfg, p.method_cls, previous, f"{cfg['dataset']}:{cfg.get('data')}", split_of(cfg))
+        key = stage_key(p.cfg, p.method_cls, previous, data_of(cfg), split_of(cfg))
         previous = key
-        cached = cached and identity_text(p.cfg, p.method_cls) in built
+        cached = cached and identity_of(p.cfg, p.method_cls) in built
         flops = p.cfg["steps"] * step_flops(p.cfg, p.method_cls, k)
         if p.method_cls.classifies:
             flops += eval_flops(p.cfg, k, tests)
@@ -134,6 +135,27 @@ def cell_parts(cfg: dict[str, Any], built: set[str] = frozenset()) -> list[dict[
         parts.append({"name": "run", "method": method_cls.name, "key": None, "steps": cfg["steps"],
                       "flops": cfg["steps"] * step_flops(cfg, method_cls, k) + eval_flops(cfg, k, tests)})
     return parts
+
+
+def built_stages(results_dir: Path) -> set[str]:
+    """The identities of the stages built under `results_dir`, as `identity_of` writes them."""
+    built = set()
+    for scfg in built_stage_configs(results_dir):
+        try:
+            built.add(identity_of(scfg, get_method(scfg.get("method"))))
+        except UsageError:
+            continue  # a stage of a method not loaded here
+    return built
+
+
+def identity_of(scfg: dict[str, Any], method_cls) -> str:
+    """A stage as far as a plan can tell it without reading data: its options and its data by name."""
+    return json.dumps({**stage_identity(scfg, method_cls), "data": data_of(scfg)}, sort_keys=True, default=str)
+
+
+def data_of(cfg: dict[str, Any]) -> str:
+    """The data options of a config, standing in for the data's hash."""
+    return f"{cfg.get('dataset')}:{cfg.get('data')}:{cfg.get('unlabeled_data')}"
 
 
 def split_of(cfg: dict[str, Any]) -> str:
@@ -226,7 +248,7 @@ def hours(seconds: float) -> str:
 
 
 def describe(spec, dataset: str, preset: str | None, preset_note: str, cells: list, cfgs: list[dict[str, Any]],
-             recorded: set[str], rate: tuple[float, str, Path, bool], workers: int = 1) -> str:
+             recorded: set[str], built: set[str], rate: tuple[float, str, Path, bool], workers: int = 1) -> str:
     """The plan as text: the grid, shared stages, what is recorded, the time, the cuts, the thresholds."""
     flop_per_s, label, rate_file, _ = rate
     lines = [f"plan: study {spec.name} on {dataset} at preset {preset or 'none (the built-in defaults)'}"
@@ -239,7 +261,6 @@ def describe(spec, dataset: str, preset: str | None, preset_note: str, cells: li
                  + "".join(f" x {len(spec.axes[a]['values'])} {a}" for a in axes) + ")")
     stages: dict[str, dict[str, Any]] = {}
     total, todo, per_method = 0.0, 0.0, defaultdict(float)
-    built = built_stages(Path(cfgs[0].get("results_dir") or "results")) if cfgs else set()
     # a stage not built is charged to the first cell still to run that needs it (a fresh machine
     # resuming from run records rebuilds the stages of the cells it runs)
     pending_first = sorted(zip(cells, cfgs), key=lambda pair: pair[0].key in recorded)
