@@ -26,17 +26,11 @@ def tiny_data(tmp_path_factory):
                         synthetic={"classes": 4, "size": 32, "train_per_class": 40, "test_per_class": 10, "seed": 0})
 
 
-SHORT = ["--preset", "smoke", "--no-progress", "--steps", "20", "--eval-every", "10", "--ckpt-every", "10",
-         "--log-every", "5", "--pretrain-steps", "10"]
-# semi_vit's stage 2 at mae_finetune's recipe and length (the smoke preset's, shortened the same way)
-SEMI_VIT = ["--finetune-steps", "20"]
-
-
 @pytest.fixture(scope="session")
 def shared_start(tmp_path_factory):
     """Smoke runs that share the seed's MAE stage and mae_finetune's fine-tune, in one results
     directory (and the other order, Semi-ViT first, in a second): {"runs": {name: run dir}, ...}."""
-    from helpers import bench, run_dirs
+    from helpers import SEMI_VIT_STAGE2_ARGS as SEMI_VIT, SHARED_START_ARGS, bench, run_dirs
     root = tmp_path_factory.mktemp("shared-start")
     cache = root / "cache"
     plan = [("a", "mae_finetune", []), ("a", "semi_vit", SEMI_VIT),
@@ -48,7 +42,7 @@ def shared_start(tmp_path_factory):
     runs = {}
     for where, name, args in plan:
         method, extra = (args[0], args[1:]) if args and not args[0].startswith("-") else (name, args)
-        out = bench(["run", method, *SHORT, *extra, "--results-dir", str(root / where)], cache)
+        out = bench(["run", method, *SHARED_START_ARGS, *extra, "--results-dir", str(root / where)], cache)
         assert out.returncode == 0, (name, out.stderr[-3000:])
         runs[name] = run_dirs(root / where)[-1]
     return {"root": root, "cache": cache, "runs": runs}

@@ -17,6 +17,11 @@ from bench.data.splits import make_split
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10-images.tar.gz"
+# the shared-start fixture's runs (conftest.py) and the tests that read them: one short smoke run
+SHARED_START_ARGS = ["--preset", "smoke", "--no-progress", "--steps", "20", "--eval-every", "10", "--ckpt-every", "10",
+                     "--log-every", "5", "--pretrain-steps", "10"]
+# semi_vit's stage 2 at mae_finetune's recipe and length (the smoke preset's, shortened the same way)
+SEMI_VIT_STAGE2_ARGS = ["--finetune-steps", "20"]
 
 
 def bench_env(cache: Path) -> dict:

@@ -12,8 +12,7 @@ from bench.model.vit_mae import build_model
 from bench.train.optim import lr_at, param_groups
 from bench.model.weights import digest
 from bench.run.stages import plan, stage_key
-from conftest import SHORT as SHORT_ARGS
-from helpers import bench, load_json, run_dirs, smoke_trainer
+from helpers import SHARED_START_ARGS as SHORT_ARGS, bench, load_json, run_dirs, smoke_trainer
 
 
 
