@@ -154,8 +154,12 @@ def identity_of(scfg: dict[str, Any], method_cls) -> str:
 
 
 def data_of(cfg: dict[str, Any]) -> str:
-    """The data options of a config, standing in for the data's hash."""
-    return f"{cfg.get('dataset')}:{cfg.get('data')}:{cfg.get('unlabeled_data')}"
+    """The data options of a config, standing in for the data's hash: the dataset and its files
+    by name, not by path (a stage built with `../shared/data/x.tar.gz` is the one a study given
+    `/work/shared/data/x.tar.gz` would build)."""
+    def name(path: Any) -> Any:
+        return Path(path).name if path else path
+    return f"{cfg.get('dataset')}:{name(cfg.get('data'))}:{name(cfg.get('unlabeled_data'))}"
 
 
 def split_of(cfg: dict[str, Any]) -> str:

@@ -1,5 +1,7 @@
 """The plan a study prints before it runs (and alone with --plan): its grid, shared stages, what
 is recorded and its time on this device, from the models' FLOPs and a measured rate."""
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -8,7 +10,8 @@ from bench.config import resolve
 from bench.data.sources import make_synthetic
 from bench.data.splits import make_split
 from bench.method.base import get_method, method_names
-from bench.study.plan import auto_preset, device_rate, forward_flops, rate_file, step_flops
+from bench.study.plan import (auto_preset, built_stages, device_rate, forward_flops, identity_of, rate_file,
+                              step_flops)
 from bench.train.trainer import Trainer
 from helpers import bench
 
@@ -83,6 +86,21 @@ def test_a_run_study_plans_first_and_counts_what_is_recorded(tmp_path):
         in more.stdout, more.stdout + more.stderr
     # and before the first run, with nothing built, it claimed none
     assert "stages: 1 pretrain (mae_pretrain, 5 steps each), shared by 1 cells from the cache\n" in first.stdout
+
+
+def test_a_stage_built_from_another_folder_counts_as_built(tmp_path):
+    """The stage.json of a cached stage keeps --data as it was given (often relative); a plan made
+    from another folder, or with the path spelled out, still finds it; another archive does not."""
+    cls = get_method("mae_pretrain")
+    built_cfg = resolve(cls, preset="cpu", cli={"dataset": "cifar10", "data": "../shared/data/cifar10.tar.gz"})
+    stage = tmp_path / "results" / "stages" / "0123abcd"
+    stage.mkdir(parents=True)
+    (stage / "stage.json").write_text(json.dumps({"config": built_cfg, "result": {}}, default=str))
+    (stage / "final.pt").write_bytes(b"weights")
+    built = built_stages(tmp_path / "results")
+    assert identity_of({**built_cfg, "data": "/work/shared/data/cifar10.tar.gz"}, cls) in built
+    assert identity_of({**built_cfg, "data": "/work/shared/data/cifar10-other.tar.gz"}, cls) not in built
+    assert identity_of({**built_cfg, "seed": 1}, cls) not in built
 
 
 def test_tune_plans_its_trials_and_writes_nothing(tmp_path):
