@@ -148,7 +148,8 @@ CORE_OPTIONS: dict[str, Option] = {
     "compile": _opt(False, "torch.compile the model", RUN),
     "device": _opt("auto", "auto, cpu, cuda or cuda:N", RUN),
     "results_dir": _opt("results", "output root: runs/ (one Sacred run each), stages/ (cached earlier "
-                        "stages), studies/, reports/, tuned/ and speed/", RUN),
+                        "stages; a missing one is copied from published/stages/ where kept there), "
+                        "studies/, reports/, tuned/ and speed/", RUN),
     "mongo": _opt(None, "also record runs in MongoDB at this URL (unset: the file store only)", RUN),
     "progress": _opt(True, "show a progress bar", RUN),
     "dist_timeout": _opt(300.0, "seconds a rank waits on the others (rendezvous, a collective) before the "

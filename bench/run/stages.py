@@ -11,6 +11,9 @@ keyed by what the stage reads and the stages before it, so every method of a see
 encoder, and Semi-ViT's supervised stage is the very fine-tune mae_finetune reports (its run IS
 that stage: `Method.own_training = False`). A stage killed mid-way resumes from its own checkpoint
 the next time any run needs it; concurrent runs needing one stage wait for each other (file lock).
+A stage kept with the published results (`<results_dir>/published/stages/<set>/<key>/`) serves a
+run whose cache lacks that key: it is copied in instead of trained (the key hashes the data's
+content, so it only ever serves the very same stage).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from bench.distributed import barrier, broadcast, world
-from bench.io import atomic_write_text, read_json
+from bench.io import atomic_write, atomic_write_text, read_json
 from bench.method.stage import Stage, stages_of
 from bench.run.link import StudyLink
 from bench.run.sinks import RecordSink
@@ -39,6 +42,8 @@ from bench.train.trainer import Trainer
 # cached stages are not reused (2: images and augmentations drawn from (seed, step); 3: stage
 # configs hold only the stage method's options, the pretraining stage is shared by every method).
 STAGE_FORMAT = 3
+
+PUBLISHED_STAGES = Path("published") / "stages"
 
 SPLIT_KEYS = {"label_fraction", "labels_per_class", "val_fraction", "val_per_class", "unlabeled_pool", "split_file",
               "split_format", "val_from"}
@@ -99,16 +104,35 @@ def stage_key(scfg: dict[str, Any], method_cls, previous: str | None, dataset_ha
 
 
 def built_stage_configs(results_dir: Path) -> list[dict[str, Any]]:
-    """The configs of the stages finished (final weights written) under `results_dir`."""
-    infos = (Path(results_dir) / "stages").glob("*/stage.json")
+    """The configs of the stages finished (final weights written) under `results_dir`, in its
+    cache or kept with its published results."""
+    root = Path(results_dir)
+    infos = [*(root / "stages").glob("*/stage.json"), *(root / PUBLISHED_STAGES).glob("*/*/stage.json")]
     return [cfg for info in infos if (info.parent / "final.pt").is_file()
             and isinstance(cfg := read_json(info).get("config"), dict)]
 
 
-def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str, Any], bool]:
-    """Return the stage's final weights, training them with `train(stage_dir)` unless cached.
-    Returns (weights, reused). Across ranks, rank 0 holds the lock and decides; every rank
-    trains (rank 0 writes) and then reads the same final weights."""
+def published_stage(results_dir: Path, key: str) -> Path | None:
+    """The finished stage of this key kept with the published results, if any."""
+    for final in sorted((Path(results_dir) / PUBLISHED_STAGES).glob(f"*/{key}/final.pt")):
+        if (final.parent / "stage.json").is_file():
+            return final.parent
+    return None
+
+
+def copy_stage(source: Path, stage_dir: Path) -> None:
+    """A finished stage copied into the cache, its weights last: a copy cut short is not finished."""
+    for name in ("stage.json", "metrics.json", "final.pt"):
+        if (source / name).is_file():
+            atomic_write(stage_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+
+
+def run_stage(stage_dir: Path, train: Callable[[Path], None], published: Path | None = None
+              ) -> tuple[dict[str, Any], bool]:
+    """Return the stage's final weights, training them with `train(stage_dir)` unless cached
+    (or `published`, a finished copy of it, copied in). Returns (weights, reused). Across ranks,
+    rank 0 holds the lock and decides; every rank trains (rank 0 writes) and then reads the
+    same final weights."""
     main = world().is_main
     final = stage_dir / "final.pt"
     with contextlib.ExitStack() as stack:
@@ -116,6 +140,8 @@ def run_stage(stage_dir: Path, train: Callable[[Path], None]) -> tuple[dict[str,
             stage_dir.mkdir(parents=True, exist_ok=True)
             lock = stack.enter_context(open(stage_dir / ".lock", "w"))
             fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run needing this stage waits here
+            if not final.exists() and published is not None:
+                copy_stage(published, stage_dir)
         reused = broadcast(final.exists())
         if not reused:
             train(stage_dir)
@@ -179,9 +205,10 @@ def train_stages(prepared, record: RunHandle | None, link: StudyLink, on_validat
         is_own = not method_cls.own_training and i == len(p_.plan) - 1
         key = stage_key(p.cfg, p.method_cls, previous, data.source_hash, split.hash)
         stage_dir = Path(cfg["results_dir"]) / "stages" / key
+        published = published_stage(cfg["results_dir"], key)
         job = StageJob(p, data, split, record, link, weights, keep_head, own=is_own, on_validation=on_validation,
                        progress=cfg["progress"], store=p_.runtime.get("store_used"))
-        weights, reused = run_stage(stage_dir, job.train)
+        weights, reused = run_stage(stage_dir, job.train, published)
         keep_head, previous = p.stage.keep_head, key
         done = stage_result(stage_dir)
         if is_own:

@@ -259,3 +259,25 @@ def test_init_from_reads_the_suites_own_stage_and_run_folders(shared_start, tmp_
     saved = checkpoint.load(runs["semi_vit"] / "checkpoint.pt")["model"]
     assert info["init_from"]["head_loaded"] and info["init"]["head_sha256"] == digest(saved, "head")
     assert info["init"]["encoder_sha256"] == digest(saved)
+
+
+def test_a_stage_kept_with_the_published_results_is_copied_in_not_retrained(shared_start, tmp_path):
+    """A results folder whose cache lacks the seed's MAE stage but whose published/stages keeps it:
+    the plan counts it as built, and the run copies it in, weight for weight, without training it."""
+    import shutil
+    from bench.run.stages import built_stage_configs
+    runs = shared_start["runs"]
+    pretrain = load_json(runs["mae_finetune"] / "info.json")["stages"]["pretrain"]
+    kept = tmp_path / "results" / "published" / "stages" / "cifar10-smoke" / pretrain["key"]
+    shutil.copytree(pretrain["dir"], kept, ignore=shutil.ignore_patterns(".lock", "checkpoint.pt"))
+    assert [c["method"] for c in built_stage_configs(tmp_path / "results")] == ["mae_pretrain"]
+    out = bench(["run", "fixmatch", *SHORT_ARGS, "--start", "mae", "--tau", "0.3",
+                 "--results-dir", str(tmp_path / "results")], shared_start["cache"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    (run,) = run_dirs(tmp_path / "results")
+    info = load_json(run / "info.json")["stages"]["pretrain"]
+    assert info["reused"] and info["key"] == pretrain["key"]
+    cached = Path(info["dir"])
+    assert cached == (tmp_path / "results" / "stages" / pretrain["key"]).resolve()
+    assert (cached / "final.pt").read_bytes() == (kept / "final.pt").read_bytes()
+    assert not (cached / "checkpoint.pt").exists()   # nothing trained here
