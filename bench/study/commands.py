@@ -13,7 +13,7 @@ from bench.data.dataset import DATASETS
 from bench.data.sources import load_for, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
 from bench.run.prepare import check_feasible, check_world
-from bench.study.records import recorded_seeds, restore
+from bench.study.records import recorded_axis_values, recorded_seeds, restore
 from bench.study.report import report_dir, write_report
 from bench.study.spec import StudySpec, load_study, parse_values
 from bench.study.claims import read_board
@@ -85,7 +85,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
                 report_dir(spec_d, results_dir, dataset, preset, args.report_dir),
                 lambda c, s=spec_d, d=dataset: s.config(c, d, preset, {**cli, "results_dir": str(results_dir)}))
     if args.launcher == "slurm":
-        return run_on_slurm(args, argv or [], specs, storage, results_dir, preset)
+        return run_on_slurm(args, argv or [], specs, storage, results_dir, preset, cli)
     interrupted = None
     for dataset in datasets:
         spec = specs[dataset]
@@ -101,7 +101,7 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
             counts = sweep.run()
         except KeyboardInterrupt:
             counts = None
-        out = write_report(spec, sweep.study, cells, results_dir, dataset, preset, args.report_dir)
+        out = report_whole(args, spec, sweep.study, dataset, preset, results_dir, cli)
         if counts is None:
             done = sum(read_board(sweep.study, sweep.grace).done(c.key) for c in cells)
             interrupted = (f"study {sweep.name} stopped with {done}/{len(cells)} cells done; running cells "
@@ -113,6 +113,26 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
     if interrupted:
         raise Interrupted(interrupted)
     return 0
+
+
+def report_whole(args: argparse.Namespace, cut: StudySpec, study, dataset: str, preset: str | None,
+                 results_dir: Path, cli: dict[str, Any]) -> Path:
+    """The report of the whole study, grown by what the cut added, from the store and the report
+    folder's records (each checked against its cell's config): running one method of a study
+    never drops the others' rows from the report it shares with them."""
+    folder = report_dir(cut, results_dir, dataset, preset, args.report_dir)
+    try:
+        whole = load_study(args.study).for_dataset(dataset).with_cut(cut, recorded_axis_values(folder))
+    except UsageError:  # the study file has no values of its own for this dataset: the cut is all there is
+        whole = cut
+    try:
+        cells = whole.cells(max(study.user_attrs.get("seeds") or args.seeds or 0, recorded_seeds(folder)) or None)
+        restore(study, whole, cells, results_dir, folder,
+                lambda c: whole.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}), log=lambda _: None)
+    except UsageError as e:  # another cell's record is damaged: this run's cells are still reported and recorded
+        print(f"warning: the report shows only this run's cells: {e}", file=sys.stderr)
+        whole, cells = cut, cut.cells(args.seeds)
+    return write_report(whole, study, cells, results_dir, dataset, preset, args.report_dir)
 
 
 def recorded_cells(spec: StudySpec, dataset: str, preset: str | None, cells: list, cfgs: list, results_dir: Path,
@@ -148,7 +168,7 @@ def check_gpus(workers: int, per_trial: int) -> None:
 
 
 def run_on_slurm(args: argparse.Namespace, argv: list[str], specs: dict, storage: str, results_dir: Path,
-                 preset: str | None) -> int:
+                 preset: str | None, cli: dict[str, Any]) -> int:
     """Submit --workers SLURM jobs, each one worker of this very study, wait, then report."""
     from bench.options import strip_flag
     from bench.distributed import slurm
@@ -166,7 +186,7 @@ def run_on_slurm(args: argparse.Namespace, argv: list[str], specs: dict, storage
     for dataset, spec in specs.items():
         study = optuna.load_study(study_name=study_name(spec, dataset, preset), storage=open_storage(storage))
         cells = spec.cells(args.seeds)
-        out = write_report(spec, study, cells, results_dir, dataset, preset, args.report_dir)
+        out = report_whole(args, spec, study, dataset, preset, results_dir, cli)
         done = sum(read_board(study, 4 * args.heartbeat).done(c.key) for c in cells)
         print(f"study {study.study_name}: {done}/{len(cells)} cells done; report in {out}")
     return 0 if not bad else 1

@@ -175,6 +175,23 @@ def load_record(path: Path) -> dict:
                          f"its cell") from None
 
 
+def recorded_axis_values(folder: Path) -> dict[str, list]:
+    """The axis values of the cells a report folder holds records of (a cut may have added
+    values outside the study's own list), read from each record's cell key."""
+    import yaml
+    values: dict[str, list] = {}
+    for path in (Path(folder) / "runs").glob("*.json"):
+        try:
+            key = json.loads(path.read_text())["cell"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for part in str(key).split("|")[1:]:
+            axis, _, text = part.partition("=")
+            if axis not in ("variant", "seed") and (v := yaml.safe_load(text)) not in values.setdefault(axis, []):
+                values[axis].append(v)
+    return values
+
+
 def recorded_seeds(folder: Path) -> int:
     """One more than the largest seed among a report folder's records (0 without records)."""
     seeds = [-1]

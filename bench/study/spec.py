@@ -177,6 +177,18 @@ class StudySpec:
             cut.skip_main = True  # only the references' cells
         return cut
 
+    def with_cut(self, cut: "StudySpec", recorded: dict[str, list] | None = None) -> "StudySpec":
+        """The whole study grown by what a cut of it added (methods, axis values, seeds) and by
+        the axis values of `recorded` cells: the grid a cut's run reports, so running part of a
+        study never drops the rest from its report."""
+        def grown(axis: str, values: list) -> list:
+            extra = [*cut.axes[axis]["values"], *(recorded or {}).get(axis, [])]
+            return [*values, *dict.fromkeys(v for v in extra if v not in values)]
+        axes = {k: {**a, "values": grown(k, a["values"])} for k, a in self.axes.items()}
+        seeds = None if cut.seed_values is None else sorted(set(range(self.seeds)) | set(cut.seed_values))
+        return replace(self, methods=[*self.methods, *(m for m in cut.methods if m not in self.methods)],
+                       axes=axes, seed_values=seeds)
+
     def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
         return resolve(get_method(cell.method), preset=preset,
                        study={**self.study_layer(cell), "dataset": dataset}, cli=cli)

@@ -91,7 +91,15 @@ def test_a_study_cut_on_the_command_line_runs_the_same_cells_a_full_run_reuses(t
     ran = {(load_json(r / "config.json")["method"], load_json(r / "config.json")["lr"]) for r in run_dirs(results)}
     assert ran == {("fixmatch", 0.004), ("fixmatch", 0.003)}       # 0.003 is a new cell of the axis
     summary = pd.read_csv(results / "reports" / "two" / "synthetic-smoke" / "summary.csv")
-    assert sorted(summary["lr"]) == [0.003, 0.004] and set(summary["method"]) == {"fixmatch"}
+    assert {(m, lr) for m, lr, n in zip(summary["method"], summary["lr"], summary["n"]) if n} == \
+        {("fixmatch", 0.004), ("fixmatch", 0.003)}
+    assert set(summary["method"]) == {"supervised", "fixmatch"} and set(summary["lr"]) == {0.002, 0.003, 0.004}
+    # another cut into the same report: the first cut's rows stay in it
+    other = bench([*base, "--methods", "supervised", "--values", "lr=0.002"], tmp_path / "cache", timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]
+    summary = pd.read_csv(results / "reports" / "two" / "synthetic-smoke" / "summary.csv")
+    assert {(m, lr) for m, lr, n in zip(summary["method"], summary["lr"], summary["n"]) if n} == \
+        {("fixmatch", 0.004), ("fixmatch", 0.003), ("supervised", 0.002)}
     full = bench(base, tmp_path / "cache", timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
     runs = [(load_json(r / "config.json")["method"], load_json(r / "config.json")["lr"]) for r in run_dirs(results)]
@@ -132,8 +140,9 @@ def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_p
     assert "1 finished cell(s) restored" in grown.stdout
     assert [load_json(r / "config.json")["lr"] for r in run_dirs(tmp_path / "c")] == [0.003]
     grown_summary = pd.read_csv(folder / "summary.csv").set_index("lr")
-    assert sorted(grown_summary.index) == [0.002, 0.003]
-    assert grown_summary.loc[0.002, "mean"] == summary.set_index("lr").loc[0.002, "mean"]
+    assert sorted(grown_summary.index) == [0.002, 0.003, 0.004]   # the cut's report keeps the other records
+    for lr in (0.002, 0.004):
+        assert grown_summary.loc[lr, "mean"] == summary.set_index("lr").loc[lr, "mean"]
 
     # another study whose cell is the same run (same config) takes that run's record, not a rerun
     other = tmp_path / "other.yaml"
