@@ -13,7 +13,7 @@ from bench.data.dataset import DATASETS
 from bench.data.sources import load_for, prepare_cache_dir
 from bench.errors import Interrupted, UsageError
 from bench.run.prepare import check_feasible, check_world
-from bench.study.records import recorded_axis_values, recorded_seeds, restore
+from bench.study.records import cells_on_record, recorded_seeds, restore
 from bench.study.report import report_dir, write_report
 from bench.study.spec import StudySpec, load_study, parse_values
 from bench.study.claims import read_board
@@ -121,12 +121,14 @@ def report_whole(args: argparse.Namespace, cut: StudySpec, study, dataset: str, 
     folder's records (each checked against its cell's config): running one method of a study
     never drops the others' rows from the report it shares with them."""
     folder = report_dir(cut, results_dir, dataset, preset, args.report_dir)
+    recorded = cells_on_record(folder)  # each record read once, here; restore reads only those it puts back
     try:
-        whole = load_study(args.study).for_dataset(dataset).with_cut(cut, recorded_axis_values(folder))
+        whole = load_study(args.study).for_dataset(dataset).with_cut(cut, recorded)
     except UsageError:  # the study file has no values of its own for this dataset: the cut is all there is
         whole = cut
     try:
-        cells = whole.cells(max(study.user_attrs.get("seeds") or args.seeds or 0, recorded_seeds(folder)) or None)
+        seeds = max(study.user_attrs.get("seeds") or args.seeds or 0, recorded_seeds(folder, recorded))
+        cells = whole.cells(seeds or None)
         restore(study, whole, cells, results_dir, folder,
                 lambda c: whole.config(c, dataset, preset, {**cli, "results_dir": str(results_dir)}), log=lambda _: None)
     except UsageError as e:  # another cell's record is damaged: this run's cells are still reported and recorded

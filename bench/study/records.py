@@ -175,32 +175,21 @@ def load_record(path: Path) -> dict:
                          f"its cell") from None
 
 
-def recorded_axis_values(folder: Path) -> dict[str, list]:
-    """The axis values of the cells a report folder holds records of (a cut may have added
-    values outside the study's own list), read from each record's cell key."""
-    import yaml
-    values: dict[str, list] = {}
-    for path in (Path(folder) / "runs").glob("*.json"):
+def cells_on_record(folder: Path) -> list[Cell]:
+    """The cells a report folder holds records of, read from each record's cell key (an
+    unreadable record is skipped here; restoring it names it)."""
+    cells = []
+    for path in sorted((Path(folder) / "runs").glob("*.json")):
         try:
-            key = json.loads(path.read_text())["cell"]
-        except (OSError, ValueError, KeyError, TypeError):
+            cells.append(Cell.parse(json.loads(path.read_text())["cell"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        for part in str(key).split("|")[1:]:
-            axis, _, text = part.partition("=")
-            if axis not in ("variant", "seed") and (v := yaml.safe_load(text)) not in values.setdefault(axis, []):
-                values[axis].append(v)
-    return values
+    return cells
 
 
-def recorded_seeds(folder: Path) -> int:
+def recorded_seeds(folder: Path, cells: list[Cell] | None = None) -> int:
     """One more than the largest seed among a report folder's records (0 without records)."""
-    seeds = [-1]
-    for path in (Path(folder) / "runs").glob("*.json"):
-        try:
-            seeds.append(int(json.loads(path.read_text())["trial"]["seed"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return max(seeds) + 1
+    return max((c.seed for c in (cells_on_record(folder) if cells is None else cells)), default=-1) + 1
 
 
 def _put_back(results_dir: Path, record: dict, path: Path) -> str:

@@ -57,6 +57,15 @@ class Cell:
             parts.append(f"variant={self.variant}")
         return "|".join(parts + [f"seed={self.seed}"])
 
+    @classmethod
+    def parse(cls, key: str) -> "Cell":
+        """The cell a key names (the inverse of `key`; values read as YAML, as --values reads them)."""
+        method, *parts = key.split("|")
+        pairs = [part.partition("=")[::2] for part in parts]
+        named = dict(pairs)
+        axes = tuple((k, yaml.safe_load(v)) for k, v in pairs if k not in ("variant", "seed"))
+        return cls(method, axes, named.get("variant"), int(named["seed"]))
+
     @property
     def group(self) -> str:
         """The key without the seed: cells of one group are averaged."""
@@ -177,12 +186,12 @@ class StudySpec:
             cut.skip_main = True  # only the references' cells
         return cut
 
-    def with_cut(self, cut: "StudySpec", recorded: dict[str, list] | None = None) -> "StudySpec":
+    def with_cut(self, cut: "StudySpec", recorded: list[Cell] = ()) -> "StudySpec":
         """The whole study grown by what a cut of it added (methods, axis values, seeds) and by
         the axis values of `recorded` cells: the grid a cut's run reports, so running part of a
         study never drops the rest from its report."""
         def grown(axis: str, values: list) -> list:
-            extra = [*cut.axes[axis]["values"], *(recorded or {}).get(axis, [])]
+            extra = [*cut.axes[axis]["values"], *(v for c in recorded for k, v in c.axes if k == axis)]
             return [*values, *dict.fromkeys(v for v in extra if v not in values)]
         axes = {k: {**a, "values": grown(k, a["values"])} for k, a in self.axes.items()}
         seeds = None if cut.seed_values is None else sorted(set(range(self.seeds)) | set(cut.seed_values))
