@@ -236,7 +236,9 @@ def report_study(args: argparse.Namespace) -> int:
                 study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=t.value,
                                                           user_attrs=t.user_attrs))
         folder = report_dir(dspec, results_dir, dataset, name_preset, args.report_dir)
-        seeds = max(seeds, recorded_seeds(folder))
+        recorded = cells_on_record(folder)
+        dspec = dspec.with_cut(dspec, recorded)  # the values and methods earlier cuts added stay in the report
+        seeds = max(seeds, recorded_seeds(folder, recorded))
         cells = dspec.cells(seeds or None)
         restore(study, dspec, cells, results_dir, folder,
                 lambda c, d=dspec, ds=dataset, p=name_preset: d.config(c, ds, p, {"results_dir": str(results_dir)}),

@@ -17,7 +17,7 @@ import yaml
 
 from bench.config import resolve, shipped_or_file
 from bench.errors import UsageError
-from bench.method.base import get_method
+from bench.method.base import get_method, method_names
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "studies"
 KEYS = {"description", "methods", "fixed", "axes", "variants", "seeds", "metric", "figure", "datasets",
@@ -188,15 +188,18 @@ class StudySpec:
 
     def with_cut(self, cut: "StudySpec", recorded: list[Cell] = ()) -> "StudySpec":
         """The whole study grown by what a cut of it added (methods, axis values, seeds) and by
-        the axis values of `recorded` cells: the grid a cut's run reports, so running part of a
-        study never drops the rest from its report."""
+        the methods and axis values of `recorded` cells (what earlier cuts added): the grid a
+        report shows, so running part of a study never drops the rest from its report."""
         def grown(axis: str, values: list) -> list:
             extra = [*cut.axes[axis]["values"], *(v for c in recorded for k, v in c.axes if k == axis)]
             return [*values, *dict.fromkeys(v for v in extra if v not in values)]
         axes = {k: {**a, "values": grown(k, a["values"])} for k, a in self.axes.items()}
         seeds = None if cut.seed_values is None else sorted(set(range(self.seeds)) | set(cut.seed_values))
-        return replace(self, methods=[*self.methods, *(m for m in cut.methods if m not in self.methods)],
-                       axes=axes, seed_values=seeds)
+        methods = [*self.methods, *(m for m in cut.methods if m not in self.methods)]
+        for m in dict.fromkeys(c.method for c in recorded):  # a method an earlier cut added
+            if m not in methods and m in method_names():
+                methods.append(m)
+        return replace(self, methods=methods, axes=axes, seed_values=seeds)
 
     def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
         return resolve(get_method(cell.method), preset=preset,

@@ -143,6 +143,12 @@ def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_p
     assert sorted(grown_summary.index) == [0.002, 0.003, 0.004]   # the cut's report keeps the other records
     for lr in (0.002, 0.004):
         assert grown_summary.loc[lr, "mean"] == summary.set_index("lr").loc[lr, "mean"]
+    # `bench report` on a fresh clone keeps the value the cut added, read from its record
+    (folder / "summary.csv").unlink()
+    reported = bench(["report", str(study), "--results-dir", str(tmp_path / "b2"), "--report-dir", str(published)],
+                     tmp_path / "cache")
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "summary.csv").set_index("lr"), grown_summary)
 
     # another study whose cell is the same run (same config) takes that run's record, not a rerun
     other = tmp_path / "other.yaml"
