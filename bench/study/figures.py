@@ -79,12 +79,18 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
     else:
         x = fig_spec.get("x") or next(iter(spec.axes))
         hue = fig_spec.get("hue") or "method"
-        groups = list(ok.groupby(hue, sort=False))
-        colours = dict(zip([k for k, _ in groups], sns.color_palette(n_colors=max(1, len(groups)))))  # both panels
+        rows = [series_of(r, hue, ok["method"].nunique() > 1) for _, r in ok.iterrows()]
+        ok = ok.assign(colour=[r[0] for r in rows], series=[r[1] for r in rows], style=[r[2] for r in rows])
+        variants = [v for v in dict.fromkeys(ok["style"]) if v]  # main solid, each variant its own dash
+        styles = {"": "-", **{v: VARIANT_STYLES[i % len(VARIANT_STYLES)] for i, v in enumerate(variants)}}
+        ok = ok.assign(style=ok["style"].map(styles))
+        groups = list(ok.groupby("series", sort=False))
+        keys = list(dict.fromkeys(ok["colour"]))
+        colours = dict(zip(keys, sns.color_palette(n_colors=max(1, len(keys)))))  # both panels
         for key, g in groups:
             g = g.sort_values(x)
             ax.errorbar(g[x].astype(float), g["mean"], yerr=g["std"].fillna(0), marker="o", capsize=3,
-                        color=colours[key], label=f"{hue}={key}" if hue != "method" else str(key))
+                        color=colours[g["colour"].iloc[0]], linestyle=g["style"].iloc[0], label=key)
         if len(refs):
             for key, g in refs.groupby("method", sort=False):
                 ax.plot(g[x].astype(float), g["mean"], linestyle="--", marker="x", label=str(key))
@@ -98,11 +104,14 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             pax = axes[0, 1]
             for key, g in groups:
                 g = g.sort_values(x)
-                if g["pl_rate_mean"].isna().all():  # a method without pseudo-labels has no line here
+                # a method without pseudo-labels has no line here, nor a reference (a control's are
+                # what its teacher would admit; nothing trained on them)
+                if g["pl_rate_mean"].isna().all() or g["variant"].iloc[0] in spec.references:
                     continue
                 for name, style, what in (("pl_precision", "-", "precision"), ("pl_rate", "--", "admitted")):
                     pax.errorbar(g[x].astype(float), 100 * g[f"{name}_mean"], yerr=100 * g[f"{name}_std"].fillna(0),
-                                 marker="o", capsize=3, linestyle=style, color=colours[key], label=f"{key}: {what}")
+                                 marker="o", capsize=3, linestyle=style, color=colours[g["colour"].iloc[0]],
+                                 label=f"{key}: {what}")
             pax.set_ylim(0, 100)
             if fig_spec.get("logx"):
                 pax.set_xscale("log")
@@ -116,6 +125,19 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
     fig.suptitle(title, fontsize=9)
     save(fig, stem)
     return fig
+
+
+VARIANT_STYLES = ("--", ":", "-.")
+
+
+def series_of(row: pd.Series, hue: str, several_methods: bool) -> tuple[str, str, str]:
+    """(colour key, line label, variant or "") of a summary row: one line per hue value (and method,
+    where several share a hue axis) and variant, so a method's control or reference is its own
+    line in the method's colour, never joined to the method's points."""
+    colour = str(row["method"]) if hue == "method" else \
+        (f"{row['method']} " if several_methods else "") + f"{hue}={row[hue]}"
+    variant = row["variant"] if isinstance(row["variant"], str) else ""
+    return colour, f"{colour} [{variant}]" if variant else colour, variant
 
 
 def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str) -> plt.Figure:

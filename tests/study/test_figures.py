@@ -92,3 +92,23 @@ def test_a_gated_run_adds_the_gate_panel_without_readings_that_had_no_confident_
     gate = fig.axes[5]
     assert "gate" in gate.get_title() and gate.get_ylim() == (0, 100)
     assert colour_of(gate, [46.0, 52.0], xs=STEPS[1:]) == colour_of(fig.axes[0], [30.0, 40.0, 50.0])
+
+
+def test_a_control_is_its_own_line_in_its_methods_colour_and_never_joined_to_the_method(tmp_path):
+    spec = StudySpec(name="pc", path=Path("pc.yaml"), methods=["mae_finetune", "fixmatch"], metric="test_acc",
+                     axes={"labels_per_class": {"values": [25, 50]}}, references={"control": ["fixmatch"]},
+                     figure={"kind": "line", "x": "labels_per_class", "precision": True})
+    summary = pd.DataFrame({"method": ["mae_finetune"] * 2 + ["fixmatch"] * 4, "labels_per_class": [25, 50] * 3,
+                            "variant": [None, None, None, None, "control", "control"],
+                            "mean": [40.0, 48.2, 44.0, 51.7, 41.0, 49.0], "std": 0.5, "n": 3,
+                            "pl_rate_mean": [np.nan, np.nan, 0.6, 0.67, 0.8, 0.77],
+                            "pl_rate_std": [np.nan, np.nan, 0.02, 0.02, 0.02, 0.02],
+                            "pl_precision_mean": [np.nan, np.nan, 0.55, 0.6, 0.5, 0.53],
+                            "pl_precision_std": [np.nan, np.nan, 0.01, 0.01, 0.01, 0.01]})
+    fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
+    acc, pls = fig.axes[:2]
+    fixmatch = colour_of(acc, [44.0, 51.7], [25, 50], "-")
+    assert colour_of(acc, [41.0, 49.0], [25, 50], "--") == fixmatch != colour_of(acc, [40.0, 48.2], [25, 50], "-")
+    assert [t.get_text() for t in acc.get_legend().get_texts()] == ["mae_finetune", "fixmatch", "fixmatch [control]"]
+    # what a control's teacher would admit trains nothing: only the method's own pseudo-labels are drawn
+    assert [t.get_text() for t in pls.get_legend().get_texts()] == ["fixmatch: precision", "fixmatch: admitted"]
