@@ -118,10 +118,10 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             pax.set_xlabel(x)
             pax.set_ylabel("pseudo-labels, last tenth of training (%)")
             pax.legend(fontsize=7)
-    missing = summary[summary["n"] == 0]
-    if len(missing):  # failed cells are shown as missing, never as zero
-        fig.text(0.01, -0.02, f"missing (no finished run): {', '.join(missing['method'].astype(str).unique())}",
-                 fontsize=7, color="firebrick")
+    if (summary["n"] == 0).any():  # failed or unrun cells are shown as missing, never as zero
+        x = None if kind == "bar" else fig_spec.get("x") or next(iter(spec.axes))
+        fig.text(0.01, -0.02, f"missing (no finished run): {missing_note(summary, x, fig_spec.get('hue') or 'method')}",
+                 fontsize=7, color="firebrick", wrap=True)
     fig.suptitle(title, fontsize=9)
     save(fig, stem)
     return fig
@@ -134,10 +134,26 @@ def series_of(row: pd.Series, hue: str, several_methods: bool) -> tuple[str, str
     """(colour key, line label, variant or "") of a summary row: one line per hue value (and method,
     where several share a hue axis) and variant, so a method's control or reference is its own
     line in the method's colour, never joined to the method's points."""
-    colour = str(row["method"]) if hue == "method" else \
+    colour = str(row["method"]) if hue == "method" or hue not in row.index else \
         (f"{row['method']} " if several_methods else "") + f"{hue}={row[hue]}"
     variant = row["variant"] if isinstance(row["variant"], str) else ""
     return colour, f"{colour} [{variant}]" if variant else colour, variant
+
+
+def missing_note(summary: pd.DataFrame, x: str | None, hue: str) -> str:
+    """The lines that lack a finished run, per value of `x` ("every line" where none has one)."""
+    several = summary["method"].nunique() > 1
+    def lacking(rows: pd.DataFrame) -> list[str]:
+        return list(dict.fromkeys(series_of(r, hue, several)[1] for _, r in rows.iterrows() if r["n"] == 0))
+    if x is None:
+        return ", ".join(lacking(summary))
+    parts = []
+    for value, rows in summary.groupby(x, sort=True):
+        names = lacking(rows)
+        if names:
+            lines = len({series_of(r, hue, several)[1] for _, r in rows.iterrows()})
+            parts.append(f"{x}={value}: " + ("every line" if len(names) == lines else ", ".join(names)))
+    return "; ".join(parts)
 
 
 def curves_figure(runs: pd.DataFrame, results_dir: Path, stem: Path, title: str) -> plt.Figure:

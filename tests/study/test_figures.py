@@ -112,3 +112,18 @@ def test_a_control_is_its_own_line_in_its_methods_colour_and_never_joined_to_the
     assert [t.get_text() for t in acc.get_legend().get_texts()] == ["mae_finetune", "fixmatch", "fixmatch [control]"]
     # what a control's teacher would admit trains nothing: only the method's own pseudo-labels are drawn
     assert [t.get_text() for t in pls.get_legend().get_texts()] == ["fixmatch: precision", "fixmatch: admitted"]
+
+
+def test_the_missing_note_names_each_line_without_a_run_per_value_of_the_axis(tmp_path):
+    spec = StudySpec(name="pc", path=Path("pc.yaml"), methods=["mae_finetune", "fixmatch"], metric="test_acc",
+                     axes={"labels_per_class": {"values": [25, 50]}}, references={"control": ["fixmatch"]},
+                     figure={"kind": "line", "x": "labels_per_class"})
+    summary = pd.DataFrame({"method": ["mae_finetune"] * 2 + ["fixmatch"] * 4, "labels_per_class": [25, 50] * 3,
+                            "variant": [None, None, None, None, "control", "control"],
+                            "mean": [np.nan, 48.2, np.nan, 51.7, np.nan, np.nan], "std": np.nan, "n": [0, 3, 0, 3, 0, 0],
+                            "pl_rate_mean": np.nan, "pl_rate_std": np.nan, "pl_precision_mean": np.nan,
+                            "pl_precision_std": np.nan})
+    fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
+    notes = [t.get_text() for t in fig.texts if t.get_text().startswith("missing")]
+    assert notes == ["missing (no finished run): labels_per_class=25: every line; "
+                     "labels_per_class=50: fixmatch [control]"]
