@@ -60,6 +60,8 @@ def save(fig, stem: Path) -> None:
 def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, stem: Path, title: str) -> plt.Figure:
     fig_spec = spec.figure or {}
     kind = fig_spec.get("kind", "line" if spec.axes else "bar")
+    x = None if kind == "bar" else fig_spec.get("x") or next(iter(spec.axes))
+    summary = with_series(summary, fig_spec.get("hue") or "method")
     ok = summary[summary["n"] > 0]
     with_precision = bool(fig_spec.get("precision")) and ok["pl_precision_mean"].notna().any()
     sns.set_theme(style="whitegrid", context="paper")
@@ -77,13 +79,9 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
         ax.tick_params(axis="x", rotation=30)
         ax.set_ylabel(ylabel)
     else:
-        x = fig_spec.get("x") or next(iter(spec.axes))
-        hue = fig_spec.get("hue") or "method"
-        rows = [series_of(r, hue, ok["method"].nunique() > 1) for _, r in ok.iterrows()]
-        ok = ok.assign(colour=[r[0] for r in rows], series=[r[1] for r in rows], style=[r[2] for r in rows])
-        variants = [v for v in dict.fromkeys(ok["style"]) if v]  # main solid, each variant its own dash
-        styles = {"": "-", **{v: VARIANT_STYLES[i % len(VARIANT_STYLES)] for i, v in enumerate(variants)}}
-        ok = ok.assign(style=ok["style"].map(styles))
+        variants = list(dict.fromkeys(v for v in ok["variant"] if isinstance(v, str)))  # main solid, each its own dash
+        styles = {v: VARIANT_STYLES[i % len(VARIANT_STYLES)] for i, v in enumerate(variants)}
+        ok = ok.assign(style=[styles.get(v, "-") for v in ok["variant"]])
         groups = list(ok.groupby("series", sort=False))
         keys = list(dict.fromkeys(ok["colour"]))
         colours = dict(zip(keys, sns.color_palette(n_colors=max(1, len(keys)))))  # both panels
@@ -119,8 +117,7 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             pax.set_ylabel("pseudo-labels, last tenth of training (%)")
             pax.legend(fontsize=7)
     if (summary["n"] == 0).any():  # failed or unrun cells are shown as missing, never as zero
-        x = None if kind == "bar" else fig_spec.get("x") or next(iter(spec.axes))
-        fig.text(0.01, -0.02, f"missing (no finished run): {missing_note(summary, x, fig_spec.get('hue') or 'method')}",
+        fig.text(0.01, -0.02, f"missing (no finished run): {missing_note(summary, x)}",
                  fontsize=7, color="firebrick", wrap=True)
     fig.suptitle(title, fontsize=9)
     save(fig, stem)
@@ -130,29 +127,29 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
 VARIANT_STYLES = ("--", ":", "-.")
 
 
-def series_of(row: pd.Series, hue: str, several_methods: bool) -> tuple[str, str, str]:
-    """(colour key, line label, variant or "") of a summary row: one line per hue value (and method,
-    where several share a hue axis) and variant, so a method's control or reference is its own
-    line in the method's colour, never joined to the method's points."""
-    colour = str(row["method"]) if hue == "method" or hue not in row.index else \
-        (f"{row['method']} " if several_methods else "") + f"{hue}={row[hue]}"
-    variant = row["variant"] if isinstance(row["variant"], str) else ""
-    return colour, f"{colour} [{variant}]" if variant else colour, variant
-
-
-def missing_note(summary: pd.DataFrame, x: str | None, hue: str) -> str:
-    """The lines that lack a finished run, per value of `x` ("every line" where none has one)."""
+def with_series(summary: pd.DataFrame, hue: str) -> pd.DataFrame:
+    """The summary with each row's line: `colour` (one per hue value, and per method where
+    several share a hue axis) and `series`, its label, which adds the variant: a method's
+    control or reference is its own line in the method's colour, never joined to its points."""
     several = summary["method"].nunique() > 1
+    colours = [str(r["method"]) if hue == "method" or hue not in summary else
+               (f"{r['method']} " if several else "") + f"{hue}={r[hue]}" for _, r in summary.iterrows()]
+    series = [c + (f" [{v}]" if isinstance(v, str) else "") for c, v in zip(colours, summary["variant"])]
+    return summary.assign(colour=colours, series=series)
+
+
+def missing_note(summary: pd.DataFrame, x: str | None) -> str:
+    """The lines (`with_series`) that lack a finished run, per value of `x` ("every line" where
+    none has one)."""
     def lacking(rows: pd.DataFrame) -> list[str]:
-        return list(dict.fromkeys(series_of(r, hue, several)[1] for _, r in rows.iterrows() if r["n"] == 0))
+        return list(dict.fromkeys(rows.loc[rows["n"] == 0, "series"]))
     if x is None:
         return ", ".join(lacking(summary))
     parts = []
     for value, rows in summary.groupby(x, sort=True):
-        names = lacking(rows)
-        if names:
-            lines = len({series_of(r, hue, several)[1] for _, r in rows.iterrows()})
-            parts.append(f"{x}={value}: " + ("every line" if len(names) == lines else ", ".join(names)))
+        if names := lacking(rows):
+            every = len(names) == rows["series"].nunique()
+            parts.append(f"{x}={value}: " + ("every line" if every else ", ".join(names)))
     return "; ".join(parts)
 
 

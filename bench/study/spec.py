@@ -196,9 +196,8 @@ class StudySpec:
         axes = {k: {**a, "values": grown(k, a["values"])} for k, a in self.axes.items()}
         seeds = None if cut.seed_values is None else sorted(set(range(self.seeds)) | set(cut.seed_values))
         methods = [*self.methods, *(m for m in cut.methods if m not in self.methods)]
-        for m in dict.fromkeys(c.method for c in recorded):  # a method an earlier cut added
-            if m not in methods and m in method_names():
-                methods.append(m)
+        known = method_names() if recorded else []
+        methods += [m for m in dict.fromkeys(c.method for c in recorded) if m not in methods and m in known]
         return replace(self, methods=methods, axes=axes, seed_values=seeds)
 
     def config(self, cell: Cell, dataset: str, preset: str | None, cli: dict[str, Any]) -> dict[str, Any]:
