@@ -9,9 +9,11 @@ its jobs and writes the report.
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,14 @@ def _executor(folder: Path, options: dict[str, Any]):
 
 class StudyWorker:
     """A study worker as a submitit job: `bench study ...` in a subprocess. On preemption or
-    time-out, submitit calls `checkpoint`, which waits for the worker to finish stopping (SLURM's
-    SIGTERM already told it to) and asks for the same call again."""
+    time-out, submitit calls `checkpoint`, which asks the worker to stop (a preemption's SIGTERM
+    may already have: the worker takes both as one request), waits for it to checkpoint its cells
+    and write its report, and asks for the same call again.
+
+    `checkpoint` runs inside submitit's signal handler, on the thread that is waiting for the
+    worker: the waiting is a lock-free poll of waitpid, as Popen.wait would hold a lock that the
+    handler's own wait could then never take."""
+    stop_within = 120.0  # seconds a stopping worker gets before it is killed (SLURM's own deadline may be sooner)
 
     def __init__(self, argv: list[str]):
         self.argv = list(argv)
@@ -45,18 +53,31 @@ class StudyWorker:
         # submitit's own signal reaches every process of the job; only submitit acts on it
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "study", *self.argv],
                                      preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
-        code = self.proc.wait()
+        while not self._ended():
+            time.sleep(0.5)
+        code = self.proc.returncode
         if code not in (0, 130):
             raise RuntimeError(f"the study worker exited with code {code}")
         return code
 
-    def checkpoint(self):
-        import submitit
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # the cells checkpoint at their next step
+    def _ended(self) -> bool:
+        if self.proc.returncode is None:
             try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
+                pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by the other side of a signal: it has ended
+                return True
+            if pid:
+                self.proc.returncode = os.waitstatus_to_exitcode(status)
+        return self.proc.returncode is not None
+
+    def checkpoint(self):  # submitit calls it with the job's own arguments: none
+        import submitit
+        if self.proc is not None and not self._ended():
+            self.proc.send_signal(signal.SIGINT)  # the cells checkpoint at their next step
+            deadline = time.monotonic() + self.stop_within
+            while not self._ended() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self._ended():
                 self.proc.kill()
         return submitit.helpers.DelayedSubmission(StudyWorker(self.argv))
 

@@ -97,11 +97,9 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         sweep.study.set_user_attr("preset", f"{preset} ({preset_note})" if preset_note else preset)
         sweep.study.set_user_attr("seeds", max(sweep.study.user_attrs.get("seeds", 0),
                                                max(c.seed for c in cells) + 1))
-        try:
+        with sweep.signals():  # a stop request ends the cells; the report so far is still written
             counts = sweep.run()
-        except KeyboardInterrupt:
-            counts = None
-        out = report_whole(args, spec, sweep.study, dataset, preset, results_dir, cli)
+            out = report_whole(args, spec, sweep.study, dataset, preset, results_dir, cli)
         if counts is None:
             done = sum(read_board(sweep.study, sweep.grace).done(c.key) for c in cells)
             interrupted = (f"study {sweep.name} stopped with {done}/{len(cells)} cells done; running cells "

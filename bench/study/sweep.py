@@ -9,6 +9,7 @@ never run again. This module holds the workers' threads, Ctrl-C and SIGTERM, and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -66,14 +67,30 @@ class Sweep:
         self._stop = threading.Event()
         self._procs: set = set()
         self._running: dict[int, tuple[Cell, Path]] = {}  # worker slot -> its cell, progress file
-        self._sigints = 0
+        self._requests = 0
+        self._signals_seen: set[int] = set()
         self.failed: list[str] = []
 
     def done(self) -> int:
         board = claims.read_board(self.study, self.grace)
         return sum(board.done(c.key) for c in self.cells)
 
-    def run(self) -> dict[str, int]:
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        """Ctrl-C and SIGTERM (a SLURM preemption, `kill`) stop the sweep for as long as the block
+        runs, the report written after it included: the handler only counts requests, as a
+        KeyboardInterrupt raised inside a storage call could leave the journal's lock behind."""
+        previous = signal.signal(signal.SIGINT, self._on_signal)
+        previous_term = signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
+
+    def run(self) -> dict[str, int] | None:
+        """Run the cells; the counts, or None when a stop was requested (every running cell then
+        checkpointed and exited)."""
         done = self.done()
         self.log(f"study {self.name}: {len(self.cells)} cells, {done} already done; "
                  f"storage {redact(self.storage_url)}")
@@ -81,41 +98,38 @@ class Sweep:
         threads = [threading.Thread(target=self._worker, args=(i, slots[i]), daemon=True)
                    for i in range(self.workers)]
         display = SweepDisplay(self.spec.name, len(self.cells), done, self.workers, self.progress)
-        # Ctrl-C only counts presses: a KeyboardInterrupt raised inside a storage call could leave
-        # the journal's lock behind, and a signal handler must not take locks. SIGTERM (a SLURM
-        # preemption, `kill`) stops the study the same way.
-        previous = signal.signal(signal.SIGINT, self._count_sigint)
-        previous_term = signal.signal(signal.SIGTERM, self._count_sigint)
         try:
             for t in threads:
                 t.start()
             polled = 0.0
-            while any(t.is_alive() for t in threads) and not self._sigints:
+            while any(t.is_alive() for t in threads) and not self._requests:
                 time.sleep(0.2)
                 if time.monotonic() - polled >= 2.0:
                     polled = time.monotonic()
                     with self._lock:
                         running = dict(self._running)
                     display.update(self.done(), running)
-            if self._sigints:
+            if self._requests:
                 self._stop_runs(threads)
-                raise KeyboardInterrupt
+                return None
         finally:
-            signal.signal(signal.SIGINT, previous)
-            signal.signal(signal.SIGTERM, previous_term)
             display.close()
         return {"cells": len(self.cells), "done": self.done(), "failed": len(self.failed)}
 
-    def _count_sigint(self, signum, frame) -> None:
-        self._sigints += 1
+    def _on_signal(self, signum, frame) -> None:
+        # SLURM's SIGTERM and the SIGINT a requeue passes on after it are one request; a signal
+        # seen before asks for more (a second Ctrl-C stops the cells at once)
+        if signum in self._signals_seen or not self._signals_seen:
+            self._requests += 1
+        self._signals_seen.add(signum)
 
     def _stop_runs(self, threads: list[threading.Thread]) -> None:
         """No new trial starts; every running one gets SIGINT (it checkpoints at the next step
         and exits), and again on each further Ctrl-C (it then stops at once)."""
         forwarded = 0
         while any(t.is_alive() for t in threads):
-            if forwarded < self._sigints:
-                forwarded = self._sigints
+            if forwarded < self._requests:
+                forwarded = self._requests
                 with self._lock:
                     self._stop.set()
                     for proc in self._procs:

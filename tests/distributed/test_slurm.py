@@ -56,18 +56,30 @@ def test_study_workers_run_as_slurm_jobs(tmp_path):
     assert (results / "reports" / "slurm" / "synthetic-smoke" / "table.md").exists()
 
 
-def release_when_requeued(job: str, timeout: float = 120) -> None:
+def job_state(job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+
+
+def diagnosis(job: str, folder) -> str:
+    """What a failure message shows: the job and the node as SLURM sees them, and the job's log."""
+    logs = "".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(folder.glob("*.err")))
+    node = subprocess.run(["sinfo", "-N", "-o", "%N %T %E"], capture_output=True, text=True).stdout
+    return f"{job_state(job)}\n{node}\n{logs}"
+
+
+def release_when_requeued(job: str, folder, timeout: float = 300) -> None:
     """SLURM holds a requeued batch job back for a couple of minutes before it is eligible again;
     once it is pending, let it start now (the requeue itself is SLURM's, untouched)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        shown = job_state(job)
         if re.search(r"Restarts=[1-9]", shown) and "JobState=PENDING" in shown:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
             return
         if "JobState=RUNNING" in shown and re.search(r"Restarts=[1-9]", shown):
             return
         time.sleep(0.5)
+    raise AssertionError(f"job {job} was not requeued within {timeout:.0f} s\n{diagnosis(job, folder)}")
 
 
 def test_a_preempted_worker_job_is_requeued_and_resumes_its_cell(tmp_path):
@@ -82,19 +94,26 @@ def test_a_preempted_worker_job_is_requeued_and_resumes_its_cell(tmp_path):
     while not (job := re.search(r"job\(s\) (\d+)", seen)) and proc.poll() is None:  # after the plan
         seen += proc.stdout.readline()
     assert job, seen + proc.stderr.read()[-2000:]
-    job = job.group(1)
+    job, folder = job.group(1), results / "slurm"
     ckpt = results / "runs" / "1" / "checkpoint.pt"
     wait_for(ckpt, proc, timeout=300)
     # what submitit's own preemption test does: SIGTERM to the job's processes, then its signal
     subprocess.run(["scancel", job, "--signal", "SIGTERM"], check=True)
     time.sleep(1)
     subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
-    release_when_requeued(job)
-    out, err = proc.communicate(timeout=900)
+    try:
+        release_when_requeued(job, folder)
+        out, err = proc.communicate(timeout=900)
+    except (AssertionError, subprocess.TimeoutExpired) as e:
+        proc.kill()
+        subprocess.run(["scancel", job], capture_output=True)
+        raise AssertionError(f"{str(e)[:300]}\n{diagnosis(job, folder)}") from None
     assert proc.returncode == 0, out[-2000:] + err[-3000:]
     assert "1/1 cells done" in out
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    assert re.search(r"Restarts=[1-9]", shown), shown          # SLURM requeued the job
+    assert re.search(r"Restarts=[1-9]", job_state(job)), job_state(job)  # SLURM requeued the job
+    # the first incarnation's worker stopped by itself (cells checkpointed, report written), not killed
+    log = (folder / f"{job}_0_log.err").read_text()
+    assert "interrupted: study slurm:synthetic:smoke stopped with 0/1 cells done" in log, log[-3000:]
     (run,) = run_dirs(results)                                   # one run, resumed in place
     assert load_json(run / "run.json")["status"] == "COMPLETED"
     assert load_json(run / "info.json")["resumed_from_step"] > 0
