@@ -43,10 +43,11 @@ class StudyWorker:
     `checkpoint` runs inside submitit's signal handler, on the thread that is waiting for the
     worker: the waiting is a lock-free poll of waitpid, as Popen.wait would hold a lock that the
     handler's own wait could then never take."""
-    stop_within = 120.0  # seconds a stopping worker gets before it is killed (SLURM's own deadline may be sooner)
+    requeue_grace = 5.0  # seconds an interrupted worker's job waits for submitit's signal, which follows SLURM's SIGTERM
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], stop_within: float = 60.0):
         self.argv = list(argv)
+        self.stop_within = stop_within  # seconds a stopping worker gets before it is killed
         self.proc: subprocess.Popen | None = None
 
     def __call__(self) -> int:
@@ -56,6 +57,8 @@ class StudyWorker:
         while not self._ended():
             time.sleep(0.5)
         code = self.proc.returncode
+        if code == 130:  # stopped by a preemption's SIGTERM: the requeue signal may be on its way
+            time.sleep(self.requeue_grace)
         if code not in (0, 130):
             raise RuntimeError(f"the study worker exited with code {code}")
         return code
@@ -79,16 +82,19 @@ class StudyWorker:
                 time.sleep(0.2)
             if not self._ended():
                 self.proc.kill()
-        return submitit.helpers.DelayedSubmission(StudyWorker(self.argv))
+        return submitit.helpers.DelayedSubmission(StudyWorker(self.argv, self.stop_within))
 
     def __getstate__(self) -> dict:
-        return {"argv": self.argv, "proc": None}
+        return {"argv": self.argv, "stop_within": self.stop_within, "proc": None}
 
 
 def submit_workers(argv: list[str], workers: int, folder: Path, options: dict[str, Any]) -> list:
     """Submit `workers` jobs each running `bench study argv`; returns the submitit jobs."""
     executor = _executor(folder, options)
-    return [executor.submit(StudyWorker(argv)) for _ in range(workers)]
+    # on a time-out the worker must have stopped before SLURM's own kill at the limit, or the
+    # job is not requeued: submitit's signal comes signal_delay_s before it
+    stop_within = max(10.0, float(options.get("signal_delay_s", 90)) - 30.0)
+    return [executor.submit(StudyWorker(argv, stop_within)) for _ in range(workers)]
 
 
 def wait(jobs: list) -> list[str]:

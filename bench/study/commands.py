@@ -108,6 +108,9 @@ def run_study(args: argparse.Namespace, overrides: dict[str, Any], argv: list[st
         print(f"\n{(out / 'table.md').read_text().rstrip()}\n" if (out / "table.md").is_file() else "", end="")
         print(f"study {sweep.name}: {counts['done']}/{counts['cells']} cells done, {counts['failed']} failed "
               f"this time; report in {out} (table.md, figure.png, curves.png; runs.csv holds every run)")
+        if sweep.stop_requested and dataset != datasets[-1]:  # asked to stop while the report was written
+            interrupted = f"study stopped after {dataset}; rerun the same command to continue with the next dataset"
+            break
     if interrupted:
         raise Interrupted(interrupted)
     return 0

@@ -116,6 +116,10 @@ class Sweep:
             display.close()
         return {"cells": len(self.cells), "done": self.done(), "failed": len(self.failed)}
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._requests > 0
+
     def _on_signal(self, signum, frame) -> None:
         # SLURM's SIGTERM and the SIGINT a requeue passes on after it are one request; a signal
         # seen before asks for more (a second Ctrl-C stops the cells at once)

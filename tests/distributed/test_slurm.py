@@ -96,12 +96,12 @@ def test_a_preempted_worker_job_is_requeued_and_resumes_its_cell(tmp_path):
     assert job, seen + proc.stderr.read()[-2000:]
     job, folder = job.group(1), results / "slurm"
     ckpt = results / "runs" / "1" / "checkpoint.pt"
-    wait_for(ckpt, proc, timeout=300)
-    # what submitit's own preemption test does: SIGTERM to the job's processes, then its signal
-    subprocess.run(["scancel", job, "--signal", "SIGTERM"], check=True)
-    time.sleep(1)
-    subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
     try:
+        wait_for(ckpt, proc, timeout=300)
+        # what submitit's own preemption test does: SIGTERM to the job's processes, then its signal
+        subprocess.run(["scancel", job, "--signal", "SIGTERM"], check=True)
+        time.sleep(1)
+        subprocess.run(["scancel", job, "--signal", "USR2"], check=True)
         release_when_requeued(job, folder)
         out, err = proc.communicate(timeout=900)
     except (AssertionError, subprocess.TimeoutExpired) as e:
