@@ -117,8 +117,9 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             pax.set_ylabel("pseudo-labels, last tenth of training (%)")
             pax.legend(fontsize=7)
     if (summary["n"] == 0).any():  # failed or unrun cells are shown as missing, never as zero
+        # hung from its top below the axes' labels: a long note grows downward, never over them
         fig.text(0.01, -0.02, f"missing (no finished run): {missing_note(summary, x)}",
-                 fontsize=7, color="firebrick", wrap=True)
+                 fontsize=7, color="firebrick", wrap=True, va="top")
     fig.suptitle(title, fontsize=9)
     save(fig, stem)
     return fig

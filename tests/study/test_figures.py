@@ -127,3 +127,22 @@ def test_the_missing_note_names_each_line_without_a_run_per_value_of_the_axis(tm
     notes = [t.get_text() for t in fig.texts if t.get_text().startswith("missing")]
     assert notes == ["missing (no finished run): labels_per_class=25: every line; "
                      "labels_per_class=50: fixmatch [control]"]
+
+
+def test_a_long_missing_note_hangs_below_the_axes_labels(tmp_path):
+    methods = [f"a_method_with_a_long_name_{i}" for i in range(12)]
+    spec = StudySpec(name="pc", path=Path("pc.yaml"), methods=methods, metric="test_acc",
+                     axes={"labels_per_class": {"values": [25, 50]}}, figure={"kind": "line", "x": "labels_per_class"})
+    summary = pd.DataFrame({"method": [m for m in methods for _ in (25, 50)], "labels_per_class": [25, 50] * 12,
+                            "variant": None, "mean": [np.nan, 48.0] * 11 + [44.0, 48.0], "std": np.nan,
+                            "n": [0, 3] * 11 + [3, 3],  # eleven lines lack a run at 25: a long note
+                            "pl_rate_mean": np.nan, "pl_rate_std": np.nan, "pl_precision_mean": np.nan,
+                            "pl_precision_std": np.nan})
+    fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the saved figure is closed: lay it out again
+    (note,) = [t for t in fig.texts if t.get_text().startswith("missing")]
+    box = note.get_window_extent(renderer)
+    assert box.height > 2 * note.get_fontsize()  # wrapped onto several lines
+    for ax in fig.axes:
+        assert box.y1 < ax.xaxis.label.get_window_extent(renderer).y0  # below the label, not over it
