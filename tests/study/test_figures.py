@@ -27,6 +27,20 @@ def colour_of(ax, values, xs=STEPS, style=None):
     raise AssertionError(f"no {style or ''} line plots {values}")
 
 
+def line_spec(methods, **figure):
+    """A study over labels_per_class drawn as lines, FixMatch's control as its reference."""
+    return StudySpec(name="pc", path=Path("pc.yaml"), methods=methods, metric="test_acc",
+                     axes={"labels_per_class": {"values": [25, 50]}}, references={"control": ["fixmatch"]},
+                     figure={"kind": "line", "x": "labels_per_class", **figure})
+
+
+def summary_of(**columns) -> pd.DataFrame:
+    """A report summary; columns not given (variant, pseudo-label statistics) are empty."""
+    empty = {"variant": None, "pl_rate_mean": np.nan, "pl_rate_std": np.nan, "pl_precision_mean": np.nan,
+             "pl_precision_std": np.nan}
+    return pd.DataFrame({**empty, **columns})
+
+
 def test_a_method_keeps_its_colour_in_panels_other_methods_are_absent_from(tmp_path):
     results = tmp_path / "results"
     write_run(results, 1, {"val_acc_ema": [30.0, 40.0, 50.0]})
@@ -95,9 +109,7 @@ def test_a_gated_run_adds_the_gate_panel_without_readings_that_had_no_confident_
 
 
 def test_a_control_is_its_own_line_in_its_methods_colour_and_never_joined_to_the_method(tmp_path):
-    spec = StudySpec(name="pc", path=Path("pc.yaml"), methods=["mae_finetune", "fixmatch"], metric="test_acc",
-                     axes={"labels_per_class": {"values": [25, 50]}}, references={"control": ["fixmatch"]},
-                     figure={"kind": "line", "x": "labels_per_class", "precision": True})
+    spec = line_spec(["mae_finetune", "fixmatch"], precision=True)
     summary = pd.DataFrame({"method": ["mae_finetune"] * 2 + ["fixmatch"] * 4, "labels_per_class": [25, 50] * 3,
                             "variant": [None, None, None, None, "control", "control"],
                             "mean": [40.0, 48.2, 44.0, 51.7, 41.0, 49.0], "std": 0.5, "n": 3,
@@ -115,14 +127,10 @@ def test_a_control_is_its_own_line_in_its_methods_colour_and_never_joined_to_the
 
 
 def test_the_missing_note_names_each_line_without_a_run_per_value_of_the_axis(tmp_path):
-    spec = StudySpec(name="pc", path=Path("pc.yaml"), methods=["mae_finetune", "fixmatch"], metric="test_acc",
-                     axes={"labels_per_class": {"values": [25, 50]}}, references={"control": ["fixmatch"]},
-                     figure={"kind": "line", "x": "labels_per_class"})
-    summary = pd.DataFrame({"method": ["mae_finetune"] * 2 + ["fixmatch"] * 4, "labels_per_class": [25, 50] * 3,
-                            "variant": [None, None, None, None, "control", "control"],
-                            "mean": [np.nan, 48.2, np.nan, 51.7, np.nan, np.nan], "std": np.nan, "n": [0, 3, 0, 3, 0, 0],
-                            "pl_rate_mean": np.nan, "pl_rate_std": np.nan, "pl_precision_mean": np.nan,
-                            "pl_precision_std": np.nan})
+    spec = line_spec(["mae_finetune", "fixmatch"])
+    summary = summary_of(method=["mae_finetune"] * 2 + ["fixmatch"] * 4, labels_per_class=[25, 50] * 3,
+                         variant=[None, None, None, None, "control", "control"],
+                         mean=[np.nan, 48.2, np.nan, 51.7, np.nan, np.nan], std=np.nan, n=[0, 3, 0, 3, 0, 0])
     fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
     notes = [t.get_text() for t in fig.texts if t.get_text().startswith("missing")]
     assert notes == ["missing (no finished run): labels_per_class=25: every line; "
@@ -131,13 +139,10 @@ def test_the_missing_note_names_each_line_without_a_run_per_value_of_the_axis(tm
 
 def test_a_long_missing_note_hangs_below_the_axes_labels(tmp_path):
     methods = [f"a_method_with_a_long_name_{i}" for i in range(12)]
-    spec = StudySpec(name="pc", path=Path("pc.yaml"), methods=methods, metric="test_acc",
-                     axes={"labels_per_class": {"values": [25, 50]}}, figure={"kind": "line", "x": "labels_per_class"})
-    summary = pd.DataFrame({"method": [m for m in methods for _ in (25, 50)], "labels_per_class": [25, 50] * 12,
-                            "variant": None, "mean": [np.nan, 48.0] * 11 + [44.0, 48.0], "std": np.nan,
-                            "n": [0, 3] * 11 + [3, 3],  # eleven lines lack a run at 25: a long note
-                            "pl_rate_mean": np.nan, "pl_rate_std": np.nan, "pl_precision_mean": np.nan,
-                            "pl_precision_std": np.nan})
+    spec = line_spec(methods)
+    summary = summary_of(method=[m for m in methods for _ in (25, 50)], labels_per_class=[25, 50] * 12,
+                         mean=[np.nan, 48.0] * 11 + [44.0, 48.0], std=np.nan,
+                         n=[0, 3] * 11 + [3, 3])  # eleven lines lack a run at 25: a long note
     fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     renderer = FigureCanvasAgg(fig).get_renderer()  # the saved figure is closed: lay it out again
