@@ -151,3 +151,19 @@ def test_a_long_missing_note_hangs_below_the_axes_labels(tmp_path):
     assert box.height > 2 * note.get_fontsize()  # wrapped onto several lines
     for ax in fig.axes:
         assert box.y1 < ax.xaxis.label.get_window_extent(renderer).y0  # below the label, not over it
+        assert box.y1 < ax.get_legend().get_window_extent(renderer).y0  # and below the legend hung there
+
+
+def test_the_legends_hang_below_their_axes_and_cover_no_point(tmp_path):
+    methods = [f"method_{i}" for i in range(7)]  # a dozen lines: no corner inside the axes is free
+    spec = line_spec(methods, precision=True)
+    summary = summary_of(method=[m for m in methods for _ in (25, 50)], labels_per_class=[25, 50] * 7,
+                         mean=[40.0 + i for i in range(14)], std=0.5, n=3, pl_rate_mean=0.5, pl_rate_std=0.02,
+                         pl_precision_mean=0.6, pl_precision_std=0.01)
+    fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in fig.axes[:2]:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.y1 < ax.get_window_extent(renderer).y0  # under the plotting area, points and all
+        assert legend.y1 < ax.xaxis.label.get_window_extent(renderer).y0  # and under the axis' own label
