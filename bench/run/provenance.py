@@ -27,21 +27,27 @@ def versions() -> dict[str, str]:
     return out
 
 
-@lru_cache(maxsize=1)
-def git_state() -> dict[str, Any] | None:
-    """{"url", "commit", "dirty"} of the checkout this package runs from; None outside git."""
+# what a study writes into the checkout: its reports under results/ change no code, so a study's
+# second cell is not "modified" because its first cell's report was written
+NOT_CODE = (":(exclude)results",)
+
+
+@lru_cache(maxsize=4)
+def git_state(repo: Path = REPO) -> dict[str, Any] | None:
+    """{"url", "commit", "dirty"} of the checkout this package runs from; None outside git.
+    `dirty`: a tracked file outside results/ differs from the commit."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE))
     except (OSError, subprocess.SubprocessError):
         return None
     try:
-        url = git("config", "--get", "remote.origin.url") or str(REPO)
+        url = git("config", "--get", "remote.origin.url") or str(repo)
     except subprocess.SubprocessError:
-        url = str(REPO)
+        url = str(repo)
     return {"url": url, "commit": commit, "dirty": dirty}
 
 

@@ -32,13 +32,29 @@ def test_the_record_names_versions_commit_and_device(smoke_run):
         assert deps[package] == version(package), package
     (repo,) = record["experiment"]["repositories"]
     assert repo["commit"] == git("rev-parse", "HEAD")
-    assert repo["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no"))
+    assert repo["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
     assert record["experiment"]["mainfile"] == "bench/cli.py" and record["command"] == "bench_run"
     host = record["host"]
     assert host["python_version"] == ".".join(map(str, sys.version_info[:3]))
     assert host["accelerator"]["name"] == "CPU" and host["accelerator"]["type"] == "cpu"
     assert "cuda_version" in host["accelerator"] and "cudnn_version" in host["accelerator"]
     assert load_json(smoke_run / "info.json")["command"].startswith("bench run ssmae --preset smoke")
+
+
+def test_a_checkout_is_modified_by_a_code_change_not_by_a_report_written_into_results(tmp_path):
+    from bench.run.provenance import git_state
+    checkout = tmp_path / "checkout"
+    for path in ("bench/method.py", "results/published/study/table.csv"):
+        (checkout / path).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / path).write_text("first\n")
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", "-C", str(checkout), *args], check=True)
+    (checkout / "results/published/study/table.csv").write_text("a study's report\n")
+    assert git_state(checkout)["dirty"] is False
+    git_state.cache_clear()
+    (checkout / "bench/method.py").write_text("changed\n")
+    assert git_state(checkout)["dirty"] is True
+    git_state.cache_clear()
 
 
 def test_curves_csv_and_tensorboard_hold_every_logged_point(smoke_run):
