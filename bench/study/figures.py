@@ -96,7 +96,6 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
             ax.set_xscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(ylabel)
-        legend_below(ax)
         if with_precision:  # admission beside precision, on 0-100 % with seed spread: a flat line reads flat
             pax = axes[0, 1]
             for key, g in groups:
@@ -114,7 +113,7 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
                 pax.set_xscale("log")
             pax.set_xlabel(x)
             pax.set_ylabel("pseudo-labels, last tenth of training (%)")
-            legend_below(pax)
+        legends_below(fig)
     if (summary["n"] == 0).any():  # failed or unrun cells are shown as missing, never as zero
         # hung from its top below everything under the axes: a long note grows downward, over nothing
         fig.text(0.01, lowest(fig) - 0.02, f"missing (no finished run): {missing_note(summary, x)}",
@@ -127,15 +126,16 @@ def study_figure(summary: pd.DataFrame, refs: pd.DataFrame, spec: StudySpec, ste
 VARIANT_STYLES = ("--", ":", "-.")
 
 
-def legend_below(ax: plt.Axes) -> None:
-    """The axes' legend in two columns under its x label: with a dozen lines, a legend inside
+def legends_below(fig: plt.Figure) -> None:
+    """Each axes' legend in two columns under its x label: with a dozen lines, a legend inside
     the axes covers points wherever it goes."""
-    if not ax.get_legend_handles_labels()[0]:  # an empty report (nothing finished yet) has none
-        return
-    ax.figure.draw_without_rendering()  # the label's place is known only once laid out
-    label = ax.xaxis.label.get_window_extent()
-    top = ax.transAxes.inverted().transform((0, label.y0))[1]
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, top - 0.02), ncol=2, frameon=False)
+    fig.draw_without_rendering()  # the labels' places are known only once laid out (once for all axes)
+    for ax in fig.axes:
+        if not ax.get_legend_handles_labels()[0]:  # an empty report (nothing finished yet) has none
+            continue
+        label = ax.xaxis.label.get_window_extent()
+        top = ax.transAxes.inverted().transform((0, label.y0))[1]
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, top - 0.02), ncol=2, frameon=False)
 
 
 def lowest(fig: plt.Figure) -> float:

@@ -32,7 +32,8 @@ def test_the_record_names_versions_commit_and_device(smoke_run):
         assert deps[package] == version(package), package
     (repo,) = record["experiment"]["repositories"]
     assert repo["commit"] == git("rev-parse", "HEAD")
-    assert repo["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"))
+    from bench.run.provenance import NOT_CODE
+    assert repo["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE))
     assert record["experiment"]["mainfile"] == "bench/cli.py" and record["command"] == "bench_run"
     host = record["host"]
     assert host["python_version"] == ".".join(map(str, sys.version_info[:3]))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 
 from bench.study.figures import curves_figure, study_figure
@@ -144,7 +145,6 @@ def test_a_long_missing_note_hangs_below_the_axes_labels(tmp_path):
                          mean=[np.nan, 48.0] * 11 + [44.0, 48.0], std=np.nan,
                          n=[0, 3] * 11 + [3, 3])  # eleven lines lack a run at 25: a long note
     fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     renderer = FigureCanvasAgg(fig).get_renderer()  # the saved figure is closed: lay it out again
     (note,) = [t for t in fig.texts if t.get_text().startswith("missing")]
     box = note.get_window_extent(renderer)
@@ -161,7 +161,6 @@ def test_the_legends_hang_below_their_axes_and_cover_no_point(tmp_path):
                          mean=[40.0 + i for i in range(14)], std=0.5, n=3, pl_rate_mean=0.5, pl_rate_std=0.02,
                          pl_precision_mean=0.6, pl_precision_std=0.01)
     fig = study_figure(summary, pd.DataFrame(), spec, tmp_path / "figure", "t")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     renderer = FigureCanvasAgg(fig).get_renderer()
     for ax in fig.axes[:2]:
         legend = ax.get_legend().get_window_extent(renderer)
