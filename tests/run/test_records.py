@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from bench.run.provenance import NOT_CODE
 from helpers import REPO, bench, load_json, run_dirs
-
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,6 @@ def test_the_record_names_versions_commit_and_device(smoke_run):
         assert deps[package] == version(package), package
     (repo,) = record["experiment"]["repositories"]
     assert repo["commit"] == git("rev-parse", "HEAD")
-    from bench.run.provenance import NOT_CODE
     assert repo["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE))
     assert record["experiment"]["mainfile"] == "bench/cli.py" and record["command"] == "bench_run"
     host = record["host"]
