@@ -141,9 +141,10 @@ def report_whole(args: argparse.Namespace, cut: StudySpec, study, dataset: str, 
 def recorded_cells(spec: StudySpec, dataset: str, preset: str | None, cells: list, cfgs: list, results_dir: Path,
                    args: argparse.Namespace) -> set[str]:
     """The cells already finished, read without writing: in the study's store (where one exists)
-    or as a record in its report folder whose config is the cell's."""
-    from bench.config import differing_keys
-    from bench.study.records import finished_trials, load_record, record_path
+    or as a record whose config is the cell's, the cell's own or, as the run would take it,
+    another cell's or another published study's."""
+    from bench.config import differing_keys, identity
+    from bench.study.records import Shelf, finished_trials, load_record, record_path
     done: set[str] = set()
     url = args.storage or default_storage(results_dir)
     if "://" in url or Path(url).exists():
@@ -153,12 +154,15 @@ def recorded_cells(spec: StudySpec, dataset: str, preset: str | None, cells: lis
         except KeyError:
             pass  # no such study in the store yet
     folder = report_dir(spec, results_dir, dataset, preset, args.report_dir)
+    shelf = Shelf(folder.parents[1])
     for cell, cfg in zip(cells, cfgs):
+        if cell.key in done:
+            continue
         path = record_path(folder, cell.key)
-        if cell.key not in done and path.is_file():
-            record = load_record(path)
-            if not differing_keys(cfg, record["files"].get("config.json") or {}):
-                done.add(cell.key)
+        if path.is_file() and not differing_keys(cfg, load_record(path)["files"].get("config.json") or {}):
+            done.add(cell.key)
+        elif shelf.find(identity(cfg))[1] is not None:
+            done.add(cell.key)
     return done
 
 

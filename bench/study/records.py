@@ -7,7 +7,8 @@ beside the tables (`runs/<cell>.json`), and the next `bench study` or `bench rep
 A record is put back only while it is still its cell's run: the config the cell resolves to now
 must equal the record's on every key that changes a result (the rule --resume applies). A stale
 record is named, left in place, and its cell runs again. A cell with no record of its own takes
-the record of the same run (an equal config) from another study's folder beside it.
+the record of the same run (an equal config) from another cell of its folder or from another
+study's folder beside it: one training is never run twice for two names.
 
 A record holds what a report reads (the Sacred run record, curves, config and info, the size of
 the validation split), not weights or the split's index lists (those are rebuilt from the seed).
@@ -91,12 +92,13 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
 
     With `config_of`, a record counts only if its config equals `config_of(cell)` on every key
     that changes a result, and a cell without a record of its own takes the record of the same
-    run from another study's folder beside this one (e.g. `label_fraction` at 0.1 and the
-    benchmark at 0.1 are one run). Without it, or with `check_own` off (a report shows the runs
+    run from another cell of this folder (a fully supervised reference is one run at every
+    labels-per-class value) or from another study's folder beside this one (e.g.
+    `label_fraction` at 0.1 and the benchmark at 0.1 are one run). Without it, or with `check_own` off (a report shows the runs
     its folder holds, each with its config in runs.csv), the folder's own records are put back as
     they are."""
     done = finished_trials(study)
-    shelf = _Shelf(Path(folder).parents[1], Path(folder)) if config_of is not None else None
+    shelf = Shelf(Path(folder).parents[1]) if config_of is not None else None
     restored, shared, stale, seeds = 0, set(), [], 0
     for cell in cells:
         if cell.key in done:
@@ -139,23 +141,23 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
     return restored
 
 
-class _Shelf:
-    """The records of every other report folder under `root`, read once, found by config."""
+class Shelf:
+    """Every run record of the report folders under `root` (a study's own folder among them),
+    read once, found by config."""
 
-    def __init__(self, root: Path, own: Path) -> None:
-        self.root, self.own = Path(root), Path(own).resolve()
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
         self._records: list[tuple[Path, dict, dict]] | None = None
 
     def find(self, config: dict[str, Any]) -> tuple[Path, dict | None]:
+        """The first record (by path) whose identity is `config`, or (Path(), None)."""
         if self._records is None:
             self._records = []
             for path in sorted(self.root.glob("*/*/runs/*.json")):
-                if path.parents[1].resolve() == self.own:
-                    continue
                 try:
                     record = load_record(path)
                 except UsageError:
-                    continue  # another study's damaged record is that study's concern
+                    continue  # a damaged record is its own cell's concern, reported where it is read
                 self._records.append((path, record, identity(record["files"].get("config.json") or {})))
         for path, record, cfg in self._records:
             if cfg == config:

@@ -188,6 +188,32 @@ def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_p
     assert bad.returncode == 2 and records[1].name in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_two_cells_that_are_one_run_train_once(tmp_path):
+    """The fully supervised reference trains on every label, so its cells at two labels-per-class
+    values are one run: the second cut takes the first's record (and its plan counts it done)."""
+    study, published = tmp_path / "dup.yaml", tmp_path / "published"
+    study.write_text("methods: [supervised]\naxes: {labels_per_class: {values: [2, 3]}}\n"
+                     "references: [fully_supervised]\nseeds: 1\n")
+    base = ["study", str(study), "--dataset", "synthetic", *FAST, "--report-dir", str(published),
+            "--results-dir", str(tmp_path / "r"), "--variants", "fully_supervised"]
+    first = bench([*base, "--values", "labels_per_class=2"], tmp_path / "cache", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(run_dirs(tmp_path / "r")) == 1
+    plan = bench([*base, "--values", "labels_per_class=3", "--plan"], tmp_path / "cache")
+    assert plan.returncode == 0 and "recorded: 1 of 1 cells already finished" in plan.stdout, plan.stdout
+    second = bench([*base, "--values", "labels_per_class=3"], tmp_path / "cache", timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(run_dirs(tmp_path / "r")) == 1 and "dup/synthetic-smoke held the same runs" in second.stdout
+    folder = published / "dup" / "synthetic-smoke"
+    two = {r.name: load_json(r)["value"] for r in (folder / "runs").glob("*.json")}
+    assert sorted(two) == ["supervised+labels_per_class=2+variant=fully_supervised+seed=0.json",
+                           "supervised+labels_per_class=3+variant=fully_supervised+seed=0.json"]
+    assert len(set(two.values())) == 1
+    # a cell whose config differs is not taken from it: the main cell at 2 labels per class trains
+    main = bench([*base[:-2], "--variants", "main", "--values", "labels_per_class=2", "--plan"], tmp_path / "cache")
+    assert main.returncode == 0 and "recorded: 0 of 1 cells already finished" in main.stdout, main.stdout
+
+
 def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path):
     study, results = write_study(tmp_path, seeds=1, lrs=(0.002, 1e30)), tmp_path / "results"
     out = bench(["study", str(study), "--dataset", "synthetic", *FAST, "--results-dir", str(results)],
