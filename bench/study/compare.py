@@ -9,7 +9,9 @@ size and spread with 80 % power.
 
 Where a study adds each semi-supervised method's control, every such method is also compared
 with its own control (reference `control`): what its pseudo-label term adds, the start and the
-extra steps cancelling. Each comparison carries its paired t-test's p-value and, within its family
+extra steps cancelling; where it adds the oracle, the oracle is compared with its method's own
+run (reference `variant main`): what the wrong pseudo-labels cost under the same admission mask.
+Each comparison carries its paired t-test's p-value and, within its family
 (the rows sharing a reference), Holm's adjustment: a table that makes several claims against one
 reference makes them at the 5 % level together. The comparison a study declares `primary` before
 running is tested alone, outside the correction.
@@ -92,6 +94,8 @@ def differences(runs: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
         parts.append(_against(done, spec, *ref))
     if "control" in spec.references:
         parts.append(_against(done, spec, "variant", "control", only=done["variant"] == ""))
+    if "oracle" in spec.references:  # what its wrong pseudo-labels cost a method, under the same admission
+        parts.append(_against(done, spec, "variant", "main", only=done["variant"] == "oracle"))
     rows = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
     if rows.empty:
         return rows
@@ -116,7 +120,7 @@ def _against(done: pd.DataFrame, spec: StudySpec, kind: str, name: Any, only: pd
         pair_on = ["seed", "method", "variant", *(a for a in axes if a != kind)]
     else:
         pair_on = ["seed", *axes] + (["method"] if kind == "variant" else ["variant"])
-    is_ref = done[kind] == name
+    is_ref = done[kind] == ("" if (kind, name) == ("variant", "main") else name)  # a method's own run: no variant
     reference = pair[is_ref].set_index(pair_on)[metric]
     if kind == "method":  # the reference method's own cells, not its references'
         reference = pair[is_ref & ~done["variant"].isin(list(spec.references))].set_index(pair_on)[metric]

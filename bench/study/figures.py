@@ -51,9 +51,10 @@ def panel_series(metrics: dict, panel: Panel) -> tuple[list, list] | None:
 
 
 def save(fig, stem: Path) -> None:
-    for ext in ("png", "pdf"):
-        atomic_write(stem.with_suffix(f".{ext}"), lambda tmp, e=ext: fig.savefig(tmp, format=e, dpi=150,
-                                                                              bbox_inches="tight"))
+    # no creation date in the PDF: a report rebuilt from the same records is the same bytes
+    for ext, meta in (("png", {}), ("pdf", {"CreationDate": None})):
+        atomic_write(stem.with_suffix(f".{ext}"), lambda tmp, e=ext, m=meta: fig.savefig(
+            tmp, format=e, dpi=150, bbox_inches="tight", metadata=m))
     plt.close(fig)
 
 

@@ -6,7 +6,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench.study.compare import interval, paired_power, seeds_needed
+from pathlib import Path
+
+from bench.study.compare import differences, interval, p_value, paired_power, seeds_needed
+from bench.study.spec import StudySpec
 from helpers import bench, load_json, run_dirs
 
 FAST = ["--preset", "smoke", "--no-progress", "--set", "steps=20", "--set", "eval_every=10",
@@ -30,6 +33,55 @@ def test_power_is_the_share_of_simulated_paired_tests_that_reject():
     diffs = rng.normal(0.8, 1.0, size=(20000, 8))
     rejected = stats.ttest_1samp(diffs, 0.0, axis=1).pvalue < 0.05
     assert rejected.mean() == pytest.approx(paired_power(0.8, 8), abs=0.01)
+
+
+def test_each_method_meets_its_control_its_oracle_its_own_run_and_holm_adjusts_within_a_family():
+    """Three families: against the reference method, each method's run against its own control
+    (the primary tested alone, the others Holm-adjusted together), the oracle against its method's
+    run; no row of one family enters another's adjustment."""
+    semi = ["fixmatch", "semi_mae", "flexmatch"]
+    spec = StudySpec(name="pc", path=Path("pc.yaml"), methods=["mae_finetune", *semi], metric="test_acc",
+                     axes={"labels_per_class": {"values": [25]}}, compare_to="mae_finetune",
+                     references={"control": semi, "oracle": semi},
+                     primary={"method": "fixmatch", "against": "control", "labels_per_class": 25})
+    rng = np.random.default_rng(0)
+    acc = {}
+    for cell in spec.cells(3):
+        shift = {None: 3.0, "control": 0.0, "oracle": 8.0}[cell.variant] * (cell.method != "mae_finetune")
+        acc[cell] = 40.0 + shift + rng.normal(0, 1)
+    runs = pd.DataFrame([{"group": c.group, "method": c.method, "variant": c.variant, "seed": c.seed,
+                          "labels_per_class": 25, "test_acc": v} for c, v in acc.items()])
+    rows = differences(runs, spec)
+
+    def paired(method, variant, ref_method, ref_variant):
+        return [acc[next(c for c in acc if (c.method, c.variant, c.seed) == (method, variant, s))]
+                - acc[next(c for c in acc if (c.method, c.variant, c.seed) == (ref_method, ref_variant, s))]
+                for s in range(3)]
+
+    def row(method, variant, reference):
+        (r,) = rows[(rows["method"] == method) & (rows["variant"].fillna("") == (variant or ""))
+                    & (rows["reference"] == reference)].to_dict("records")
+        return r
+
+    assert set(rows["reference"]) == {"method mae_finetune", "variant control", "variant main"}
+    assert len(rows[rows["reference"] == "variant control"]) == 3      # main runs only, never the oracle
+    assert len(rows[rows["reference"] == "variant main"]) == 3         # the oracles only
+    assert len(rows[rows["reference"] == "method mae_finetune"]) == 9  # every run, control and oracle too
+    for method in semi:
+        oracle = row(method, "oracle", "variant main")
+        assert oracle["diff"] == pytest.approx(np.mean(paired(method, "oracle", method, None)))
+        gain = row(method, None, "variant control")
+        assert gain["diff"] == pytest.approx(np.mean(paired(method, None, method, "control")))
+    primary = row("fixmatch", None, "variant control")
+    assert primary["primary"] and primary["p_holm"] == primary["p_value"]   # tested alone
+    ps = sorted(p_value(paired(m, None, m, "control")) for m in ("semi_mae", "flexmatch"))
+    holm = {ps[0]: 2 * ps[0], ps[1]: max(2 * ps[0], ps[1])}                # Holm's step-down, by hand
+    for method in ("semi_mae", "flexmatch"):
+        r = row(method, None, "variant control")
+        assert not r["primary"] and r["p_holm"] == pytest.approx(min(1.0, holm[r["p_value"]]))
+    ps = sorted(p_value(paired(m, "oracle", m, None)) for m in semi)
+    smallest = min(ps)
+    assert min(rows[rows["reference"] == "variant main"]["p_holm"]) == pytest.approx(min(1.0, 3 * smallest))
 
 
 def test_a_study_report_states_budgets_and_paired_differences(tmp_path):

@@ -121,6 +121,7 @@ def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_p
     runs_csv = pd.read_csv(folder / "runs.csv")
 
     # a fresh clone: no stores, only the folder; the report rebuilds to the same numbers and curves
+    figures = {name: (folder / name).read_bytes() for name in ("figure.pdf", "curves.pdf", "figure.png")}
     for name in ("summary.csv", "runs.csv", "curves.png"):
         (folder / name).unlink()
     rebuilt = bench(["report", str(study), "--results-dir", str(tmp_path / "b"), "--report-dir", str(published)],
@@ -131,6 +132,7 @@ def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_p
     for column in ("test_acc", "pl_rate", "val_images", "commit", "steps", "seed", "lr"):
         pd.testing.assert_series_equal(again[column], runs_csv[column])
     assert (folder / "curves.png").stat().st_size > 0
+    assert {name: (folder / name).read_bytes() for name in figures} == figures   # the same bytes, PDFs too
     assert [r.read_text() for r in records] == [r.read_text() for r in sorted((folder / "runs").glob("*.json"))]
 
     # a study on yet another machine runs only the cell the records lack
