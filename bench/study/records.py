@@ -8,7 +8,8 @@ A record is put back only while it is still its cell's run: the config the cell 
 must equal the record's on every key that changes a result (the rule --resume applies). A stale
 record is named, left in place, and its cell runs again. A cell with no record of its own takes
 the record of the same run (an equal config) from another cell of its folder or from another
-study's folder beside it: one training is never run twice for two names.
+study's folder beside it: a run already recorded under another cell's name is not trained again
+(two such cells of one invocation both still train: records are read when it starts).
 
 A record holds what a report reads (the Sacred run record, curves, config and info, the size of
 the validation split), not weights or the split's index lists (those are rebuilt from the seed).
