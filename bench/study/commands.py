@@ -143,8 +143,7 @@ def recorded_cells(spec: StudySpec, dataset: str, preset: str | None, cells: lis
     """The cells already finished, read without writing: in the study's store (where one exists)
     or as a record whose config is the cell's, the cell's own or, as the run would take it,
     another cell's or another published study's."""
-    from bench.config import differing_keys, identity
-    from bench.study.records import Shelf, finished_trials, load_record, record_path
+    from bench.study.records import Shelf, find_record, finished_trials
     done: set[str] = set()
     url = args.storage or default_storage(results_dir)
     if "://" in url or Path(url).exists():
@@ -156,12 +155,7 @@ def recorded_cells(spec: StudySpec, dataset: str, preset: str | None, cells: lis
     folder = report_dir(spec, results_dir, dataset, preset, args.report_dir)
     shelf = Shelf(folder.parents[1])
     for cell, cfg in zip(cells, cfgs):
-        if cell.key in done:
-            continue
-        path = record_path(folder, cell.key)
-        if path.is_file() and not differing_keys(cfg, load_record(path)["files"].get("config.json") or {}):
-            done.add(cell.key)
-        elif shelf.find(identity(cfg))[1] is not None:
+        if cell.key not in done and find_record(folder, cell.key, cfg, shelf)[1] is not None:
             done.add(cell.key)
     return done
 

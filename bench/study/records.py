@@ -95,27 +95,23 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
     that changes a result, and a cell without a record of its own takes the record of the same
     run from another cell of this folder (a fully supervised reference is one run at every
     labels-per-class value) or from another study's folder beside this one (e.g.
-    `label_fraction` at 0.1 and the benchmark at 0.1 are one run). Without it, or with `check_own` off (a report shows the runs
-    its folder holds, each with its config in runs.csv), the folder's own records are put back as
-    they are."""
+    `label_fraction` at 0.1 and the benchmark at 0.1 are one run). Without it, or with
+    `check_own` off (a report shows the runs its folder holds, each with its config in runs.csv),
+    the folder's own records are put back as they are."""
     done = finished_trials(study)
     shelf = Shelf(Path(folder).parents[1]) if config_of is not None else None
     restored, shared, stale, seeds = 0, set(), [], 0
     for cell in cells:
         if cell.key in done:
             continue
-        now = identity(config_of(cell)) if config_of is not None else None
-        path = record_path(folder, cell.key)
-        record = load_record(path) if path.is_file() else None
-        if record is not None and now is not None and check_own:
-            then = identity(record["files"].get("config.json") or {})
-            diff = differing_keys(now, then)
+        if config_of is None:
+            path = record_path(folder, cell.key)
+            record = load_record(path) if path.is_file() else None
+        else:
+            path, record, diff = find_record(folder, cell.key, config_of(cell), shelf, check_own)
             if diff:
-                stale.append(f"{cell.key} ({', '.join(f'{k}={then.get(k)!r}, now {now.get(k)!r}' for k in diff[:3])})")
-                record = None
-        if record is None and shelf is not None:
-            path, record = shelf.find(now)
-            if record is not None:
+                stale.append(f"{cell.key} ({diff})")
+            if record is not None and path != record_path(folder, cell.key):
                 shared.add(path.parents[1].relative_to(shelf.root).as_posix())
         if record is None:
             continue
@@ -140,6 +136,24 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
         log(f"{len(stale)} run record(s) no longer match their cell's config and run again: " + "; ".join(stale[:5])
             + (" ..." if len(stale) > 5 else ""))
     return restored
+
+
+def find_record(folder: Path, key: str, config: dict[str, Any], shelf: "Shelf",
+                check_own: bool = True) -> tuple[Path, dict | None, str]:
+    """The record of the run `config` resolves to, for cell `key` of `folder`: its own record
+    while it still matches (unchecked with `check_own` off), else the same run recorded under
+    another cell or study on `shelf`; with how a stale own record differs ('' if it does not)."""
+    now, path, stale = identity(config), record_path(folder, key), ""
+    record = load_record(path) if path.is_file() else None
+    if record is not None and check_own:
+        then = identity(record["files"].get("config.json") or {})
+        diff = differing_keys(now, then)
+        if diff:
+            stale = ", ".join(f"{k}={then.get(k)!r}, now {now.get(k)!r}" for k in diff[:3])
+            record = None
+    if record is None:
+        path, record = shelf.find(now)
+    return path, record, stale
 
 
 class Shelf:
