@@ -8,8 +8,9 @@ A record is put back only while it is still its cell's run: the config the cell 
 must equal the record's on every key that changes a result (the rule --resume applies). A stale
 record is named, left in place, and its cell runs again. A cell with no record of its own takes
 the record of the same run (an equal config) from another cell of its folder or from another
-study's folder beside it: a run already recorded under another cell's name is not trained again
-(two such cells of one invocation both still train: records are read when it starts).
+study's folder beside it: a run already recorded under another cell's name is not trained again.
+Two cells of one invocation that are the same run train once: the second waits for the first and
+takes its run (`same_runs`).
 
 A record holds what a report reads (the Sacred run record, curves, config and info, the size of
 the validation split), not weights or the split's index lists (those are rebuilt from the seed).
@@ -116,15 +117,8 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
         if record is None:
             continue
         run_id = _put_back(results_dir, record, path)
-        attrs = {**{k: v for k, v in record.get("trial", {}).items() if not k.startswith("axis.")},
-                 "cell": cell.key, "method": cell.method, "seed": cell.seed, "variant": cell.variant,
-                 **{f"axis.{a}": v for a, v in cell.axes}, "run_id": run_id, "restored_from": str(path)}
-        params = spec.params(cell, cell.seed + 1)
-        if not _compatible(study, {k: d for k, (_, d) in params.items()}):
-            params = {}  # the study's earlier trials used another grid: the cell stays in user attrs
-        study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=float(record["value"]),
-                                                  user_attrs=attrs, params={k: v for k, (v, _) in params.items()},
-                                                  distributions={k: d for k, (_, d) in params.items()}))
+        add_finished(study, spec, cell, float(record["value"]), {**record.get("trial", {}), "run_id": run_id,
+                                                                 "restored_from": str(path)}, cell.seed + 1)
         restored += 1
         seeds = max(seeds, cell.seed + 1)
     if seeds:
@@ -136,6 +130,33 @@ def restore(study, spec: StudySpec, cells: list[Cell], results_dir: Path, folder
         log(f"{len(stale)} run record(s) no longer match their cell's config and run again: " + "; ".join(stale[:5])
             + (" ..." if len(stale) > 5 else ""))
     return restored
+
+
+def add_finished(study, spec: StudySpec, cell: Cell, value: float, attrs: dict[str, Any], seeds: int) -> None:
+    """A COMPLETE trial for `cell` whose run was trained elsewhere (a record, or another cell
+    of this study that is the same run): `attrs` are that run's trial attributes (its run_id
+    among them), relabelled as this cell's."""
+    attrs = {**{k: v for k, v in attrs.items() if not k.startswith("axis.")},
+             "cell": cell.key, "method": cell.method, "seed": cell.seed, "variant": cell.variant,
+             **{f"axis.{a}": v for a, v in cell.axes}}
+    params = spec.params(cell, seeds)
+    if not _compatible(study, {k: d for k, (_, d) in params.items()}):
+        params = {}  # the study's earlier trials used another grid: the cell stays in user attrs
+    study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=value, user_attrs=attrs,
+                                              params={k: v for k, (v, _) in params.items()},
+                                              distributions={k: d for k, (_, d) in params.items()}))
+
+
+def same_runs(cells: list[Cell], config_of: Callable[[Cell], dict[str, Any]]) -> dict[str, str]:
+    """Each cell that is the same run as an earlier cell of `cells` (an equal config on every key
+    that changes a result), mapped to that earlier cell's key: it is trained once, for both."""
+    first: dict[str, str] = {}
+    twins: dict[str, str] = {}
+    for cell in cells:
+        seen = first.setdefault(json.dumps(identity(config_of(cell)), sort_keys=True, default=str), cell.key)
+        if seen != cell.key:
+            twins[cell.key] = seen
+    return twins
 
 
 def find_record(folder: Path, key: str, config: dict[str, Any], shelf: "Shelf",

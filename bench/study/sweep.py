@@ -30,6 +30,7 @@ from bench.run.provenance import redact
 from bench.study import claims
 from bench.study.cell_run import CellRun, gpu_slots, last_line, send, visible_gpus, wait
 from bench.study.display import SweepDisplay
+from bench.study.records import add_finished, finished_trials, same_runs
 from bench.study.spec import Cell, StudySpec
 from bench.study.storage import open_storage, study_name
 
@@ -63,6 +64,7 @@ class Sweep:
         self.runner = CellRun(self.results_dir, self.preset, self.data, self.cli, self.gpus_per_trial,
                               self.workers * self.gpus_per_trial, tuple(self.plugins))
         self._attempted: set[str] = set()
+        self.same_run = same_runs(self.cells, self._config)  # cell -> the earlier cell it is one run with
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._procs: set = set()
@@ -159,7 +161,17 @@ class Sweep:
         board = claims.read_board(self.study, self.grace)
         with self._lock:
             open_cells = [c for c in self.cells if not board.done(c.key) and c.key not in self._attempted]
-        free = [c for c in open_cells if not board.busy(c.key)]
+        for cell in [c for c in open_cells if c.key in self.same_run]:
+            first = self.same_run[cell.key]
+            if board.done(first):
+                self._take_run(cell, first)
+                open_cells.remove(cell)
+            elif first in self._attempted and not board.busy(first):  # its run failed here, and so would this
+                with self._lock:
+                    self._attempted.add(cell.key)
+                open_cells.remove(cell)
+        # a cell that is one run with an earlier cell waits for that cell's run
+        free = [c for c in open_cells if not board.busy(c.key) and c.key not in self.same_run]
         if not free:
             return "wait" if open_cells else None
         # one seed at a time (its cached stages serve its cells while they are warm, and a study
@@ -173,6 +185,19 @@ class Sweep:
         with self._lock:
             self._attempted.add(cell.key)
         return cell, trial
+
+    def _take_run(self, cell: Cell, first: str) -> None:
+        """Finish `cell` with the run of `first`, the cell it is one run with."""
+        with self._lock:  # two workers of this sweep seeing it at once add it once
+            if cell.key in finished_trials(self.study):
+                return
+            trial = finished_trials(self.study)[first]
+            add_finished(self.study, self.spec, cell, float(trial.value),
+                         {**trial.user_attrs, "same_run_as": first}, self.seeds)
+        self.log(f"cell {cell.key} is the same run as {first}: it takes that run")
+
+    def _config(self, cell: Cell) -> dict[str, Any]:
+        return self.spec.config(cell, self.dataset, self.preset, {**self.cli, "results_dir": str(self.results_dir)})
 
     def _run_trial(self, cell: Cell, trial: optuna.Trial, gpu: str | None, slot: int = 0) -> None:
         for k, v in {"method": cell.method, "seed": cell.seed, "variant": cell.variant, "dataset": self.dataset,
@@ -223,8 +248,7 @@ class Sweep:
             if t.state == TrialState.FAIL and run_id:
                 try:
                     run_dir = find_run_dir(self.results_dir, run_id)
-                    cfg = self.spec.config(cell, self.dataset, self.preset, {**self.cli, "results_dir": str(self.results_dir)})
-                    check_resumable(cfg, run_dir)
+                    check_resumable(self._config(cell), run_dir)
                     return run_id
                 except (UsageError, OSError, ValueError):
                     continue

@@ -191,28 +191,30 @@ def test_a_published_study_rebuilds_and_resumes_from_its_run_records_alone(tmp_p
 
 
 def test_two_cells_that_are_one_run_train_once(tmp_path):
-    """The fully supervised reference trains on every label, so its cells at two labels-per-class
-    values are one run: the second cut takes the first's record (and its plan counts it done)."""
+    """The fully supervised reference trains on every label, so its cells at several labels-per-class
+    values are one run: in one invocation the second cell waits for the first and takes its run; a
+    later cut takes the recorded run (and its plan counts it done)."""
     study, published = tmp_path / "dup.yaml", tmp_path / "published"
-    study.write_text("methods: [supervised]\naxes: {labels_per_class: {values: [2, 3]}}\n"
+    study.write_text("methods: [supervised]\naxes: {labels_per_class: {values: [2, 3, 4]}}\n"
                      "references: [fully_supervised]\nseeds: 1\n")
     base = ["study", str(study), "--dataset", "synthetic", *FAST, "--report-dir", str(published),
             "--results-dir", str(tmp_path / "r"), "--variants", "fully_supervised"]
-    first = bench([*base, "--values", "labels_per_class=2"], tmp_path / "cache", timeout=600)
+    first = bench([*base, "--values", "labels_per_class=2,3"], tmp_path / "cache", timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert len(run_dirs(tmp_path / "r")) == 1
-    second = bench([*base, "--values", "labels_per_class=3"], tmp_path / "cache", timeout=600)
+    assert len(run_dirs(tmp_path / "r")) == 1, first.stdout   # one training for the two cells
+    assert "labels_per_class=3|variant=fully_supervised|seed=0 is the same run as" in first.stdout, first.stdout
+    assert "2/2 cells done" in first.stdout, first.stdout
+    second = bench([*base, "--values", "labels_per_class=4"], tmp_path / "cache", timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "recorded: 1 of 1 cells already finished" in second.stdout, second.stdout   # its plan counts it done
     assert len(run_dirs(tmp_path / "r")) == 1 and "dup/synthetic-smoke held the same runs" in second.stdout
     folder = published / "dup" / "synthetic-smoke"
-    two = {r.name: load_json(r)["value"] for r in (folder / "runs").glob("*.json")}
-    assert sorted(two) == ["supervised+labels_per_class=2+variant=fully_supervised+seed=0.json",
-                           "supervised+labels_per_class=3+variant=fully_supervised+seed=0.json"]
-    assert len(set(two.values())) == 1
+    three = {r.name: load_json(r)["value"] for r in (folder / "runs").glob("*.json")}
+    assert sorted(three) == [f"supervised+labels_per_class={n}+variant=fully_supervised+seed=0.json" for n in (2, 3, 4)]
+    assert len(set(three.values())) == 1
     # a cell whose config differs is not taken from it: the main cells still count as to run
     plan = bench([*base[:-1], "main", "fully_supervised", "--plan"], tmp_path / "cache")
-    assert plan.returncode == 0 and "recorded: 2 of 4 cells already finished" in plan.stdout, plan.stdout
+    assert plan.returncode == 0 and "recorded: 3 of 6 cells already finished" in plan.stdout, plan.stdout
 
 
 def test_failed_cell_is_recorded_and_the_study_goes_on(tmp_path):
