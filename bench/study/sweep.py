@@ -158,17 +158,20 @@ class Sweep:
         """(cell, trial) claimed for this worker, "wait" while others hold the remaining cells,
         or None when nothing is left for this invocation."""
         claims.fail_stale(self.study, self.grace, f"worker lost: no heartbeat for {self.grace:.0f}s")
+        with self._lock:  # read before the board: a cell attempted by then shows there as busy or ended
+            attempted = set(self._attempted)
         board = claims.read_board(self.study, self.grace)
-        with self._lock:
-            open_cells = [c for c in self.cells if not board.done(c.key) and c.key not in self._attempted]
+        open_cells = [c for c in self.cells if not board.done(c.key) and c.key not in attempted]
         for cell in [c for c in open_cells if c.key in self.same_run]:
             first = self.same_run[cell.key]
             if board.done(first):
                 self._take_run(cell, first)
                 open_cells.remove(cell)
-            elif first in self._attempted and not board.busy(first):  # its run failed here, and so would this
+            elif first in attempted and not board.busy(first):  # its run failed here, and so would this
                 with self._lock:
                     self._attempted.add(cell.key)
+                    self.failed.append(cell.key)
+                self.log(f"cell {cell.key} skipped: it is the same run as {first}, which failed")
                 open_cells.remove(cell)
         # a cell that is one run with an earlier cell waits for that cell's run
         free = [c for c in open_cells if not board.busy(c.key) and c.key not in self.same_run]
@@ -189,15 +192,17 @@ class Sweep:
     def _take_run(self, cell: Cell, first: str) -> None:
         """Finish `cell` with the run of `first`, the cell it is one run with."""
         with self._lock:  # two workers of this sweep seeing it at once add it once
-            if cell.key in finished_trials(self.study):
+            done = finished_trials(self.study)
+            if cell.key in done:
                 return
-            trial = finished_trials(self.study)[first]
+            trial = done[first]
             add_finished(self.study, self.spec, cell, float(trial.value),
                          {**trial.user_attrs, "same_run_as": first}, self.seeds)
         self.log(f"cell {cell.key} is the same run as {first}: it takes that run")
 
     def _config(self, cell: Cell) -> dict[str, Any]:
-        return self.spec.config(cell, self.dataset, self.preset, {**self.cli, "results_dir": str(self.results_dir)})
+        data = {"data": self.data} if self.data else {}
+        return self.spec.config(cell, self.dataset, self.preset, {**self.cli, **data, "results_dir": str(self.results_dir)})
 
     def _run_trial(self, cell: Cell, trial: optuna.Trial, gpu: str | None, slot: int = 0) -> None:
         for k, v in {"method": cell.method, "seed": cell.seed, "variant": cell.variant, "dataset": self.dataset,
